@@ -46,9 +46,7 @@ bench: migrate
 	@$(PY) -m bench.writer_load
 
 compose-check:
-	@if command -v docker >/dev/null && docker compose version >/dev/null 2>&1; then \
-		docker compose config -q && echo "docker-compose.yml: valid"; \
-	else echo "docker compose client not found; skipping docker-compose.yml validation"; fi
+	@stack/compose-check.sh
 
 clean: down
 	rm -rf .local

