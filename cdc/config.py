@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -58,7 +58,7 @@ class Settings:
     # empty = every table of the schema
     tables: tuple[str, ...] = ()
     # tables that get REPLICA IDENTITY FULL (full before-images)
-    full_identity: tuple[str, ...] = ()
+    full_identity: tuple[str, ...] = ("customers", "products")
     topic_prefix: str = "shop"
     partitions: int = 6
     snapshot_mode: str = "initial"
@@ -72,20 +72,23 @@ class Settings:
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         env = os.environ
+        d = cls.__new__(cls)
+        for f in fields(cls):
+            object.__setattr__(d, f.name, f.default_factory() if f.default is MISSING else f.default)  # type: ignore[misc]
         values: dict[str, object] = {
-            "pg_dsn": env.get("PG_DSN") or cls.pg_dsn,
-            "kafka_bootstrap": env.get("KAFKA_BOOTSTRAP") or cls.kafka_bootstrap,
-            "slot": env.get("CDC_SLOT") or cls.slot,
-            "publication": env.get("CDC_PUBLICATION") or cls.publication,
-            "schema": env.get("CDC_SCHEMA") or cls.schema,
+            "pg_dsn": env.get("PG_DSN") or d.pg_dsn,
+            "kafka_bootstrap": env.get("KAFKA_BOOTSTRAP") or d.kafka_bootstrap,
+            "slot": env.get("CDC_SLOT") or d.slot,
+            "publication": env.get("CDC_PUBLICATION") or d.publication,
+            "schema": env.get("CDC_SCHEMA") or d.schema,
             "tables": _split(env.get("CDC_TABLES", "")),
-            "full_identity": _split(env.get("CDC_FULL_IDENTITY", "")),
-            "topic_prefix": env.get("CDC_TOPIC_PREFIX") or cls.topic_prefix,
-            "partitions": _env_int("CDC_PARTITIONS", cls.partitions),
-            "snapshot_mode": env.get("CDC_SNAPSHOT_MODE") or cls.snapshot_mode,
-            "snapshot_chunk": _env_int("CDC_SNAPSHOT_CHUNK", cls.snapshot_chunk),
-            "max_in_flight": _env_int("CDC_MAX_IN_FLIGHT", cls.max_in_flight, minimum=100),
-            "metrics_port": _env_int("CDC_METRICS_PORT", cls.metrics_port, minimum=0),
+            "full_identity": _split(env["CDC_FULL_IDENTITY"]) if "CDC_FULL_IDENTITY" in env else d.full_identity,
+            "topic_prefix": env.get("CDC_TOPIC_PREFIX") or d.topic_prefix,
+            "partitions": _env_int("CDC_PARTITIONS", d.partitions),
+            "snapshot_mode": env.get("CDC_SNAPSHOT_MODE") or d.snapshot_mode,
+            "snapshot_chunk": _env_int("CDC_SNAPSHOT_CHUNK", d.snapshot_chunk),
+            "max_in_flight": _env_int("CDC_MAX_IN_FLIGHT", d.max_in_flight, minimum=100),
+            "metrics_port": _env_int("CDC_METRICS_PORT", d.metrics_port, minimum=0),
         }
         if env.get("CDC_SPOOL_DIR"):
             values["spool_dir"] = Path(env["CDC_SPOOL_DIR"])

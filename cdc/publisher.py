@@ -114,6 +114,14 @@ class Publisher:
                 # librdkafka's own queue is full: serve delivery reports until it drains
                 self._producer.poll(0.05)
 
+    def publish_to(self, topic: str, partition: int, key: bytes | None, value: bytes, on_delivery: Callable[[KafkaError | None, Message], None]) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value, key, partition=partition, on_delivery=on_delivery)
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
     def publish_watermark(self, lsn: int, ts_ms: int) -> None:
         """One Watermark record to every partition of every topic (DESIGN.md)."""
         value = encode_watermark(lsn, ts_ms)

@@ -15,7 +15,7 @@ from psycopg import sql
 from cdc.config import Settings
 from cdc.lsn import parse_lsn
 
-__all__ = ["SlotError", "SlotState", "TableInfo", "ensure_publication", "published_tables", "read_slot", "drop_slot_and_publication"]
+__all__ = ["SlotError", "SlotState", "TableInfo", "drop_slot_and_publication", "ensure_publication", "published_tables", "read_slot"]
 
 
 class SlotError(Exception):
