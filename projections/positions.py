@@ -1,0 +1,27 @@
+"""How far a projection has read: per Kafka partition, the next offset and the
+newest Watermark LSN seen there. Stored with the projection's writes, so what a
+view shows and how far it has read can never disagree (eventsourcing's tracking
+records do the same)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Position", "PositionKey", "min_watermark"]
+
+PositionKey = tuple[str, int]  # (topic, partition)
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    offset: int  # next offset to consume after the batch
+    watermark: int  # LSN of the newest Watermark record seen in the partition (0 if none)
+
+
+def min_watermark(positions: dict[PositionKey, Position], expected: set[PositionKey] | None = None) -> int:
+    """The projection's watermark: the minimum over its partitions (a partition
+    not seen yet counts as 0, so the watermark cannot run ahead of it)."""
+    keys = set(positions) | (expected or set())
+    if not keys:
+        return 0
+    return min(positions[k].watermark if k in positions else 0 for k in keys)
