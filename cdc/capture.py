@@ -108,6 +108,12 @@ class Capture:
             tables = ensure_publication(sqlconn, s)
             state = SnapshotState(sqlconn, s.slot)
             slot = read_slot(sqlconn, s.slot)
+            if slot is None and state.complete():
+                raise SlotError(
+                    f'slot "{s.slot}" is missing (was it dropped?), so the changes since it last '
+                    f'confirmed cannot be read. Run "python -m cdc reset --yes" and then '
+                    f'"python -m cdc run" to take a fresh snapshot, and rebuild the projections from it'
+                )
             if slot is not None:
                 check_slot_usable(slot, s)
                 if not state.complete() and s.snapshot_mode != "never":

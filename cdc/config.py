@@ -13,6 +13,7 @@ __all__ = ["ConfigError", "Settings", "mask_dsn"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOT_MODES = ("initial", "never", "initial_only")
+DEFAULT_FULL_IDENTITY = ("customers", "products")
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -57,8 +58,10 @@ class Settings:
     schema: str = "public"
     # empty = every table of the schema
     tables: tuple[str, ...] = ()
-    # tables that get REPLICA IDENTITY FULL (full before-images)
-    full_identity: tuple[str, ...] = ("customers", "products")
+    # tables that get REPLICA IDENTITY FULL (full before-images); None = those of
+    # DEFAULT_FULL_IDENTITY that are published (the shop's rules compare old and
+    # new prices and profile fields, which needs before-images)
+    full_identity: tuple[str, ...] | None = None
     topic_prefix: str = "shop"
     partitions: int = 6
     snapshot_mode: str = "initial"
@@ -82,7 +85,7 @@ class Settings:
             "publication": env.get("CDC_PUBLICATION") or d.publication,
             "schema": env.get("CDC_SCHEMA") or d.schema,
             "tables": _split(env.get("CDC_TABLES", "")),
-            "full_identity": _split(env["CDC_FULL_IDENTITY"]) if "CDC_FULL_IDENTITY" in env else d.full_identity,
+            "full_identity": _split(env["CDC_FULL_IDENTITY"]) if "CDC_FULL_IDENTITY" in env else None,
             "topic_prefix": env.get("CDC_TOPIC_PREFIX") or d.topic_prefix,
             "partitions": _env_int("CDC_PARTITIONS", d.partitions),
             "snapshot_mode": env.get("CDC_SNAPSHOT_MODE") or d.snapshot_mode,
@@ -105,7 +108,7 @@ class Settings:
                     f"{name} {value!r} is not a valid name: use lower-case letters, digits "
                     "and underscores, starting with a letter (at most 63 characters)"
                 )
-        for table in (*self.tables, *self.full_identity):
+        for table in (*self.tables, *(self.full_identity or ())):
             if not _IDENT.match(table):
                 raise ConfigError(f"table name {table!r} is not a plain lower-case identifier")
         if self.snapshot_mode not in SNAPSHOT_MODES:

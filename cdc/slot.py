@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from cdc.config import Settings
+from cdc.config import DEFAULT_FULL_IDENTITY, Settings
 from cdc.lsn import parse_lsn
 
 __all__ = ["SlotError", "SlotState", "TableInfo", "drop_slot_and_publication", "ensure_publication", "published_tables", "read_slot"]
@@ -38,7 +38,7 @@ class SlotState:
 class TableInfo:
     schema: str
     name: str
-    key: tuple[str, ...]
+    key: tuple[str, ...]  # the primary key (the replica identity index for REPLICA IDENTITY USING INDEX)
     replica_identity: str  # d(efault) n(othing) f(ull) i(ndex)
 
     @property
@@ -98,7 +98,7 @@ def _table_rows(conn: psycopg.Connection[tuple[object, ...]], schema: str, names
                   cross join lateral unnest(i.indkey) with ordinality as k(attnum, ord)
                   join pg_attribute a on a.attrelid = c.oid and a.attnum = k.attnum
                  where i.indrelid = c.oid
-                   and ((c.relreplident = 'd' and i.indisprimary)
+                   and ((c.relreplident in ('d', 'f') and i.indisprimary)
                      or (c.relreplident = 'i' and i.indisreplident))), '{}')
           from pg_class c join pg_namespace n on n.oid = c.relnamespace
          where n.nspname = %s and c.relkind in ('r', 'p')
@@ -125,11 +125,16 @@ def ensure_publication(conn: psycopg.Connection[tuple[object, ...]], settings: S
         raise SlotError(f"tables not found in schema {settings.schema}: {', '.join(missing)} (check CDC_TABLES)")
     if not tables:
         raise SlotError(f"no tables to publish in schema {settings.schema} (did you run the migrations?)")
-    for name in settings.full_identity:
-        if name not in found:
-            raise SlotError(f"CDC_FULL_IDENTITY names {name}, which is not a published table")
+    if settings.full_identity is None:
+        full = [t.name for t in tables if t.name in DEFAULT_FULL_IDENTITY and t.replica_identity != "f"]
+    else:
+        full = [t.name for t in tables if t.name in settings.full_identity and t.replica_identity != "f"]
+        for name in settings.full_identity:
+            if name not in found:
+                raise SlotError(f"CDC_FULL_IDENTITY names {name}, which is not a published table")
+    for name in full:
         conn.execute(sql.SQL("alter table {} replica identity full").format(sql.Identifier(settings.schema, name)))
-    if settings.full_identity:
+    if full:
         tables = _table_rows(conn, settings.schema, settings.tables)
     unusable = [t.qualified for t in tables if not t.usable_for_updates]
     if unusable:

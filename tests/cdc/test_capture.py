@@ -1,0 +1,307 @@
+"""The capture process against real Postgres and Kafka: what it promises end to end."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from tests.cdc.capture_harness import (
+    CdcProcess,
+    EventLog,
+    current_lsn,
+    fresh_shop_database,
+    read_tables,
+    rebuild_tables,
+)
+
+KEYS = {
+    "customers": ("id",),
+    "products": ("id",),
+    "orders": ("id",),
+    "order_items": ("order_id", "line_no"),
+    "payments": ("id",),
+}
+
+
+@pytest.fixture(scope="module")
+def shop_dsn() -> str:
+    dsn = fresh_shop_database("capture_test")
+    with psycopg.connect(dsn, autocommit=True) as c:
+        seed(c, customers=3000, products=500)
+    return dsn
+
+
+@pytest.fixture
+def cdc(shop_dsn: str) -> Iterator[CdcProcess]:
+    proc = CdcProcess(shop_dsn)
+    yield proc
+    proc.cleanup()
+
+
+@pytest.fixture
+def conn(shop_dsn: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(shop_dsn, autocommit=True) as c:
+        yield c
+
+
+def seed(conn: psycopg.Connection, customers: int, products: int) -> None:
+    conn.execute(
+        """insert into customers (email, full_name, profile, bio)
+           select 'c' || g || '-' || md5(random()::text) || '@example.com', 'Customer ' || g,
+                  jsonb_build_object('n', g), repeat('long biography ', 300 + g %% 7)
+             from generate_series(1, %s) g""",
+        (customers,),
+    )
+    conn.execute(
+        """insert into products (sku, name, category, price, stock, attributes, description)
+           select 'SKU-' || upper(substr(md5(random()::text), 1, 20)), 'Product ' || g, 'cat' || (g %% 5), (g %% 100) + 0.99,
+                  1000000, '{}', 'description ' || g
+             from generate_series(1, %s) g""",
+        (products,),
+    )
+
+
+class Churn:
+    """Concurrent writes in a thread; a failure in the thread fails the test."""
+
+    def __init__(self, dsn: str, seed_value: int) -> None:
+        self.stop_event = threading.Event()
+        self.count = [0]
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(dsn, seed_value))
+
+    def _run(self, dsn: str, seed_value: int) -> None:
+        try:
+            churn(dsn, self.stop_event, seed_value, self.count)
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> Churn:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def churn(dsn: str, stop: threading.Event, seed_value: int, counter: list[int]) -> None:
+    """Concurrent writes: new orders with items, status changes, profile and price edits."""
+    rng = random.Random(seed_value)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        cust = [r[0] for r in c.execute("select id from customers").fetchall()]
+        prod = [r[0] for r in c.execute("select id from products").fetchall()]
+        while not stop.is_set():
+            with c.transaction():
+                row = c.execute(
+                    """insert into orders (customer_id, status, currency, subtotal, tax, shipping_fee, total, shipping_address)
+                       values (%s, 'pending', 'EUR', 10.00, 2.00, 1.00, 13.00, '{"city": "Lyon"}') returning id""",
+                    (rng.choice(cust),),
+                ).fetchone()
+                assert row is not None
+                for line in range(1, rng.randint(1, 4) + 1):
+                    c.execute(
+                        "insert into order_items (order_id, line_no, product_id, quantity, unit_price, line_total) values (%s, %s, %s, 1, 10.00, 10.00)",
+                        (row[0], line, rng.choice(prod)),
+                    )
+            if rng.random() < 0.5:
+                c.execute("update orders set status = 'paid', paid_at = now() where id = %s", (row[0],))
+            if rng.random() < 0.3:
+                c.execute("update customers set full_name = %s where id = %s", (f"Renamed {rng.random():.6f}", rng.choice(cust)))
+            if rng.random() < 0.2:
+                c.execute("update products set price = price + 1 where id = %s", (rng.choice(prod),))
+            counter[0] += 1
+
+
+def assert_topics_rebuild_postgres(log: EventLog, dsn: str) -> None:
+    rebuilt = rebuild_tables(log.changes(), KEYS)
+    actual = read_tables(dsn, list(KEYS))
+    for table in KEYS:
+        got, want = rebuilt.get(table, {}), actual[table]
+        missing = set(want) - set(got)
+        extra = set(got) - set(want)
+        differing = [k for k in set(want) & set(got) if want[k] != got[k]]
+        assert not missing and not extra and not differing, (
+            f"{table}: {len(missing)} rows missing from the topics, {len(extra)} extra, {len(differing)} differ; "
+            f"e.g. missing {sorted(missing)[:3]}, differing {[(want[k], got[k]) for k in differing[:1]]}"
+        )
+
+
+def test_snapshot_with_concurrent_writes_has_no_gap_and_no_duplicate(cdc: CdcProcess, shop_dsn: str) -> None:
+    with Churn(shop_dsn, 1) as writes:
+        time.sleep(0.5)
+        cdc.extra_env["CDC_SNAPSHOT_CHUNK"] = "200"  # many chunks, so writes land mid-snapshot
+        cdc.start()
+        time.sleep(4)
+    assert writes.count[0] > 20, "the concurrent writer should have committed during the snapshot"
+    log = EventLog(cdc.prefix)
+    log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    assert_topics_rebuild_postgres(log, shop_dsn)
+    # no duplicate: every row change appears once (no restarts happened)
+    seen = Counter(
+        (c["source"]["table"], c["source"]["commit_lsn"], c["source"]["seq"], c["op"], str(c["after"] or c["before"]))
+        for c in log.changes()
+    )
+    dupes = [k for k, n in seen.items() if n > 1]
+    assert not dupes, f"{len(dupes)} changes were published twice, e.g. {dupes[:2]}"
+    ids = Counter(e["event_id"] for e in log.events)
+    assert all(n == 1 for n in ids.values())
+    log.close()
+
+
+def test_kill_9_mid_stream_then_restart_loses_no_change(cdc: CdcProcess, shop_dsn: str) -> None:
+    cdc.start()
+    with Churn(shop_dsn, 2):
+        time.sleep(3)
+        cdc.kill9()
+        time.sleep(1)
+        cdc.start()
+        time.sleep(3)
+    log = EventLog(cdc.prefix)
+    log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    assert_topics_rebuild_postgres(log, shop_dsn)
+    # at-least-once: a re-sent event is the same event (same id, same content)
+    by_id: dict[str, bytes] = {}
+    for e in log.events:
+        import orjson
+
+        blob = orjson.dumps(e, option=orjson.OPT_SORT_KEYS)
+        assert by_id.setdefault(e["event_id"], blob) == blob, f"event {e['event_id']} was re-sent with other content"
+    log.close()
+
+
+def test_unchanged_toast_value_is_absent_not_null(cdc: CdcProcess, conn: psycopg.Connection, shop_dsn: str) -> None:
+    conn.execute(
+        "insert into customers (email, full_name, profile, bio) values ('toast@example.com', 'T', '{}', %s)",
+        ("".join(random.choice("abcdefghij") for _ in range(40_000)),),
+    )
+    cdc.start()
+    log = EventLog(cdc.prefix)
+    log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    conn.execute("update customers set full_name = 'Toast Renamed' where email = 'toast@example.com'")
+    log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    updates = [
+        c for c in log.changes() if c["op"] == "u" and c["source"]["table"] == "customers" and c["after"]["full_name"] == "Toast Renamed"
+    ]
+    assert len(updates) == 1
+    change = updates[0]
+    assert "bio" not in change["after"], "an unchanged TOAST value must not be sent as null"
+    assert change["unavailable"] == ["bio"]
+    event = next(e for e in log.events if change in e["changes"])
+    assert event["event_type"] == "CustomerProfileChanged"
+    assert "bio" not in event["data"].get("changed", {})
+    log.close()
+
+
+def test_schema_change_mid_stream_is_honoured(cdc: CdcProcess, conn: psycopg.Connection, shop_dsn: str) -> None:
+    cdc.start()
+    log = EventLog(cdc.prefix)
+    log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    conn.execute("alter table products add column weight_kg numeric(8,3)")
+    try:
+        conn.execute("insert into products (sku, name, category, price, stock, attributes, description, weight_kg) values ('SKU-W', 'Weighed', 'x', 1.00, 1, '{}', 'd', 2.125)")
+        conn.execute("alter table products alter column stock type bigint")
+        conn.execute("update products set stock = 5000000000 where sku = 'SKU-W'")
+        conn.execute("alter table products drop column weight_kg")
+        conn.execute("update products set name = 'Unweighed' where sku = 'SKU-W'")
+        log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    finally:
+        conn.execute("alter table products drop column if exists weight_kg")
+        conn.execute("alter table products alter column stock type integer using least(stock, 2147483647)")
+    mine = [c for c in log.changes() if c["source"]["table"] == "products" and (c["after"] or {}).get("sku") == "SKU-W"]
+    assert [c["op"] for c in mine] == ["c", "u", "u"]
+    assert mine[0]["after"]["weight_kg"] == "2.125"
+    assert mine[1]["after"]["stock"] == 5000000000
+    assert "weight_kg" not in mine[2]["after"] and mine[2]["after"]["name"] == "Unweighed"
+    assert cdc.alive()
+    log.close()
+
+
+def test_new_table_in_publication_gets_generic_events(cdc: CdcProcess, conn: psycopg.Connection, shop_dsn: str) -> None:
+    conn.execute("create table if not exists gift_cards (code text primary key, balance numeric(12,2), tags text[])")
+    try:
+        cdc.start()
+        ready = EventLog(cdc.prefix)
+        ready.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+        ready.close()
+        log = EventLog(cdc.prefix, aggregates=("gift_cards",))
+        conn.execute("insert into gift_cards values ('GC-1', 25.00, '{a,b}')")
+        conn.execute("update gift_cards set balance = 20.00 where code = 'GC-1'")
+        conn.execute("delete from gift_cards where code = 'GC-1'")
+        log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+        assert [e["event_type"] for e in log.events] == ["RowInserted", "RowUpdated", "RowDeleted"]
+        assert log.events[0]["aggregate_id"] == "GC-1"
+        assert log.events[0]["changes"][0]["after"] == {"code": "GC-1", "balance": "25.00", "tags": ["a", "b"]}
+        log.close()
+    finally:
+        cdc.stop()
+        conn.execute("drop table gift_cards")
+
+
+def test_missing_slot_after_streaming_is_a_clear_error(cdc: CdcProcess, conn: psycopg.Connection, shop_dsn: str) -> None:
+    cdc.start()
+    log = EventLog(cdc.prefix)
+    log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    log.close()
+    cdc.stop()
+    conn.execute("select pg_drop_replication_slot(%s)", (cdc.name,))
+    result = cdc.run_to_end("run", timeout=60)
+    assert result.returncode == 1
+    assert f'slot "{cdc.name}" is missing' in result.stderr
+    assert "python -m cdc reset --yes" in result.stderr
+    assert "Traceback" not in result.stderr
+    reset = cdc.run_to_end("reset", "--yes")
+    assert reset.returncode == 0, reset.stderr
+    assert f'dropped publication "{cdc.name}"' in reset.stdout
+
+
+def test_idle_published_tables_still_advance_the_slot(cdc: CdcProcess, conn: psycopg.Connection, shop_dsn: str) -> None:
+    conn.execute("create table if not exists unpublished_churn (id bigserial primary key, payload text)")
+    cdc.extra_env["CDC_TABLES"] = "customers"
+    cdc.start()
+    log = EventLog(cdc.prefix, aggregates=("customer",))
+    log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    for _ in range(20):
+        conn.execute("insert into unpublished_churn (payload) select repeat('x', 1000) from generate_series(1, 500)")
+    target = current_lsn(shop_dsn)
+    deadline = time.monotonic() + 20
+    confirmed = 0
+    while time.monotonic() < deadline:
+        row = conn.execute("select confirmed_flush_lsn::text from pg_replication_slots where slot_name = %s", (cdc.name,)).fetchone()
+        assert row is not None
+        from cdc.lsn import parse_lsn
+
+        confirmed = parse_lsn(row[0])
+        if confirmed >= target:
+            break
+        time.sleep(0.3)
+    assert confirmed >= target, f"slot stayed at {confirmed:X} while WAL moved to {target:X}"
+    log.wait_for_watermark(target, timeout=10, proc=cdc)
+    log.close()
+    conn.execute("drop table unpublished_churn")
+
+
+def test_lost_walsender_connection_reconnects_without_loss(cdc: CdcProcess, conn: psycopg.Connection, shop_dsn: str) -> None:
+    cdc.start()
+    log = EventLog(cdc.prefix)
+    log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    with Churn(shop_dsn, 3):
+        time.sleep(2)
+        killed = conn.execute(
+            "select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = %s and active", (cdc.name,)
+        ).fetchall()
+        assert killed == [(True,)]
+        time.sleep(4)
+    log.wait_for_watermark(current_lsn(shop_dsn), timeout=90, proc=cdc)
+    assert cdc.alive()
+    assert "reconnecting" in cdc.log()
+    assert_topics_rebuild_postgres(log, shop_dsn)
+    log.close()
