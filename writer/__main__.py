@@ -51,6 +51,119 @@ def migrate(dsn: DsnOption = None) -> None:
         typer.echo(f"migrate: {where}: up to date ({len(report.already_applied)} applied)")
 
 
+@app.command()
+def seed(
+    customers: Annotated[int, typer.Option(help="customers to add")] = 0,
+    products: Annotated[int, typer.Option(help="products to add")] = 0,
+    orders: Annotated[int, typer.Option(help="orders to add, with items and payments")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="random seed of the generated data")] = 0,
+    dsn: DsnOption = None,
+) -> None:
+    """Bulk-load customers, products and orders with COPY (appends to what is there)."""
+    from writer.seed import SeedReport
+    from writer.seed import seed as run_seed
+
+    def progress(report: SeedReport) -> None:
+        typer.echo(
+            f"seed: {report.total_rows:,} rows in {report.seconds:.1f} s"
+            f" ({report.rows_per_second:,.0f} rows/s)",
+            err=True,
+        )
+
+    try:
+        report = run_seed(
+            dsn or default_dsn(),
+            customers=customers,
+            products=products,
+            orders=orders,
+            seed=seed,
+            progress=progress,
+        )
+    except WriterError as exc:
+        _fail(exc)
+        return
+    rows = ", ".join(f"{n:,} {table}" for table, n in report.rows.items())
+    typer.echo(
+        f"seed: {rows}: {report.total_rows:,} rows in {report.seconds:.1f} s"
+        f" = {report.rows_per_second:,.0f} rows/s"
+    )
+
+
+@app.command()
+def load(
+    rate: Annotated[
+        float, typer.Option(help="commands per second over all workers; 0 = as fast as possible")
+    ] = 0.0,
+    duration: Annotated[float, typer.Option(help="seconds to run; 0 = until Ctrl-C")] = 10.0,
+    concurrency: Annotated[int, typer.Option(help="workers (and pooled connections)")] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the command plan")] = 1,
+    commands: Annotated[
+        int, typer.Option(help="stop after exactly this many commands; 0 = no limit")
+    ] = 0,
+    live: Annotated[
+        bool, typer.Option("--live", help="live display of rate, latency, errors")
+    ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    dsn: DsnOption = None,
+) -> None:
+    """Run the shop's command mix against the database and report rate and latency."""
+    import asyncio
+
+    import orjson
+    from rich.console import Console
+
+    from writer.display import LiveView, print_summary
+    from writer.load import LoadConfig, run_load, summary
+
+    if rate < 0 or duration < 0 or commands < 0 or concurrency < 1:
+        _fail(WriterError("--rate, --duration and --commands must be >= 0, --concurrency >= 1"))
+    config = LoadConfig(
+        rate=rate, duration=duration, concurrency=concurrency, seed=seed, commands=commands
+    )
+    target = dsn or default_dsn()
+    console = Console(stderr=True)
+
+    async def main() -> dict[str, object]:
+        await _bootstrap(target, seed)
+        if live:
+            with LiveView(config, console) as view:
+                stats, elapsed = await run_load(target, config, tick=view)
+        else:
+            stats, elapsed = await run_load(target, config)
+        return summary(stats, elapsed, config)
+
+    try:
+        result = asyncio.run(main())
+    except WriterError as exc:
+        _fail(exc)
+        return
+    if json_output:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print_summary(result, Console())
+
+
+async def _bootstrap(dsn: str, seed: int) -> None:
+    """An empty shop gets a small catalogue, so that orders have something to refer to."""
+    import asyncio
+
+    from writer.load import MIN_CUSTOMERS, MIN_PRODUCTS, catalogue_size
+    from writer.seed import seed as run_seed
+
+    customers, products = await catalogue_size(dsn)
+    if customers >= MIN_CUSTOMERS and products >= MIN_PRODUCTS:
+        return
+    add_customers = max(0, MIN_CUSTOMERS - customers)
+    add_products = max(0, MIN_PRODUCTS - products)
+    await asyncio.to_thread(
+        run_seed, dsn, customers=add_customers, products=add_products, seed=seed
+    )
+    typer.echo(
+        f"load: bootstrapped {add_customers} customers and {add_products} products",
+        err=True,
+    )
+
+
 def main() -> None:
     try:
         app()
