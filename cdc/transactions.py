@@ -32,8 +32,6 @@ from cdc.changes import ChangeBuilder, RowChange
 from cdc.pgoutput import (
     Begin,
     Commit,
-    Delete,
-    Insert,
     Message,
     PgOutputError,
     Relation,
@@ -42,7 +40,6 @@ from cdc.pgoutput import (
     StreamStart,
     Truncate,
     Type,
-    Update,
     decode_message,
     pg_us_to_unix_ms,
 )
@@ -95,6 +92,7 @@ _XID = struct.Struct(">I")
 # Inside a stream block every message but Stream Stop carries the (sub)xid at offset 1.
 _STREAMABLE: Final = frozenset(b"IUDTRYM")
 _SCHEMA: Final = frozenset(b"RY")
+_ROW_TYPES: Final = frozenset(b"IUD")
 _NONE: Final[tuple[()]] = ()
 
 
@@ -206,12 +204,11 @@ class TransactionAssembler:
                     f"row change at {wal_lsn:X} outside a transaction: expected Begin first "
                     "(start streaming from a transaction boundary)"
                 )
-            msg = decode_message(payload)
-            return (self._change(msg, wal_lsn),)  # type: ignore[arg-type]
+            seq = self._seq
+            self._seq = seq + 1
+            return (self.builder.change(payload, wal_lsn, self._commit_lsn, self._xid, seq, self._ts_ms),)
         msg = decode_message(payload)
-        tm = type(msg)
-        if tm is Begin:
-            assert isinstance(msg, Begin)
+        if isinstance(msg, Begin):
             if self._in_tx:
                 raise PgOutputError(f"Begin of xid {msg.xid} inside transaction {self._xid}: expected Commit")
             self._in_tx = True
@@ -219,54 +216,36 @@ class TransactionAssembler:
             self._ts_ms = pg_us_to_unix_ms(msg.commit_ts)
             self._seq = 0
             return (TransactionStart(msg.xid, msg.final_lsn, self._ts_ms, False),)
-        if tm is Commit:
-            assert isinstance(msg, Commit)
+        if isinstance(msg, Commit):
             if not self._in_tx:
                 raise PgOutputError(f"Commit at {msg.commit_lsn:X} without Begin")
             self._in_tx = False
             self.last_end_lsn = msg.end_lsn
             return (TransactionEnd(self._xid, msg.commit_lsn, msg.end_lsn, self._ts_ms, self._seq),)
-        if tm is Relation:
-            self.builder.add_relation(msg)  # type: ignore[arg-type]
+        if isinstance(msg, Relation):
+            self.builder.add_relation(msg)
             return _NONE
-        if tm is Type:
-            self.builder.add_type(msg)  # type: ignore[arg-type]
+        if isinstance(msg, Type):
+            self.builder.add_type(msg)
             return _NONE
-        if tm is Truncate:
-            assert isinstance(msg, Truncate)
+        if isinstance(msg, Truncate):
             changes = self.builder.truncate(msg, wal_lsn, self._commit_lsn, self._xid, self._seq, self._ts_ms)
             self._seq += len(changes)
             return changes
-        if tm is Message:
-            assert isinstance(msg, Message)
+        if isinstance(msg, Message):
             if msg.transactional and self._in_tx:
                 return (LogicalMessage(msg.prefix, msg.content, msg.lsn, True, self._xid, self._commit_lsn, self._ts_ms),)
             return (LogicalMessage(msg.prefix, msg.content, msg.lsn, msg.transactional, 0, 0, 0),)
-        if tm is StreamStart:
-            assert isinstance(msg, StreamStart)
+        if isinstance(msg, StreamStart):
             return self._stream_start(msg)
-        if tm is StreamCommit:
-            assert isinstance(msg, StreamCommit)
+        if isinstance(msg, StreamCommit):
             return self._stream_commit(msg)
-        if tm is StreamAbort:
-            assert isinstance(msg, StreamAbort)
+        if isinstance(msg, StreamAbort):
             self._stream_abort(msg)
             return _NONE
         # Origin (replicated-in transactions) carries nothing we publish; a Stream
         # Stop outside a stream is harmless.
         return _NONE
-
-    # ---- ordinary transactions
-
-    def _change(self, msg: Insert | Update | Delete, wal_lsn: int) -> RowChange:
-        b = self.builder
-        seq = self._seq
-        self._seq = seq + 1
-        if type(msg) is Insert:
-            return b.insert(msg, wal_lsn, self._commit_lsn, self._xid, seq, self._ts_ms)
-        if type(msg) is Update:
-            return b.update(msg, wal_lsn, self._commit_lsn, self._xid, seq, self._ts_ms)
-        return b.delete(msg, wal_lsn, self._commit_lsn, self._xid, seq, self._ts_ms)  # type: ignore[arg-type]
 
     # ---- streamed transactions
 
@@ -326,27 +305,20 @@ class TransactionAssembler:
             try:
                 b = self.builder
                 for wal_lsn, payload in _records(spool.path):
+                    if payload[0] in _ROW_TYPES:
+                        yield b.change(payload, wal_lsn, msg.commit_lsn, msg.xid, seq, ts_ms, in_stream=True)
+                        seq += 1
+                        continue
                     m = decode_message(payload, in_stream=True)
-                    tm = type(m)
-                    if tm is Insert:
-                        yield b.insert(m, wal_lsn, msg.commit_lsn, msg.xid, seq, ts_ms)  # type: ignore[arg-type]
-                        seq += 1
-                    elif tm is Update:
-                        yield b.update(m, wal_lsn, msg.commit_lsn, msg.xid, seq, ts_ms)  # type: ignore[arg-type]
-                        seq += 1
-                    elif tm is Delete:
-                        yield b.delete(m, wal_lsn, msg.commit_lsn, msg.xid, seq, ts_ms)  # type: ignore[arg-type]
-                        seq += 1
-                    elif tm is Relation:
-                        b.add_relation(m)  # type: ignore[arg-type]
-                    elif tm is Type:
-                        b.add_type(m)  # type: ignore[arg-type]
-                    elif tm is Truncate:
-                        changes = b.truncate(m, wal_lsn, msg.commit_lsn, msg.xid, seq, ts_ms)  # type: ignore[arg-type]
+                    if isinstance(m, Relation):
+                        b.add_relation(m)
+                    elif isinstance(m, Type):
+                        b.add_type(m)
+                    elif isinstance(m, Truncate):
+                        changes = b.truncate(m, wal_lsn, msg.commit_lsn, msg.xid, seq, ts_ms)
                         seq += len(changes)
                         yield from changes
-                    elif tm is Message:
-                        assert isinstance(m, Message)
+                    elif isinstance(m, Message):
                         yield LogicalMessage(m.prefix, m.content, m.lsn, True, msg.xid, msg.commit_lsn, ts_ms)
             finally:
                 spool.path.unlink(missing_ok=True)

@@ -215,10 +215,7 @@ def _interval(s: str) -> str:
 
 def _bytea(s: str) -> str:
     """Hex (\\x0102) or escape output -> base64."""
-    if s[:2] == "\\x":
-        raw = bytes.fromhex(s[2:])
-    else:
-        raw = _bytea_escape(s)
+    raw = bytes.fromhex(s[2:]) if s[:2] == "\\x" else _bytea_escape(s)
     return binascii.b2a_base64(raw, newline=False).decode("ascii")
 
 
@@ -376,8 +373,27 @@ ARRAY_ELEMENT: Final[dict[int, int]] = {
     3221: 3220,  # pg_lsn[]
 }
 
+def _timestamptz_bytes(raw: bytes) -> str:
+    s = raw.decode()
+    # the common case under TimeZone=UTC, inline: 2026-11-26 06:39:58.5+00
+    if s[-3:] == "+00" and s[10:11] == " " and s[4:5] == "-" and (len(s) == 22 or s[19:20] == "."):
+        return f"{s[:10]}T{s[11:-3]}Z"
+    return _timestamptz(s)
+
+
+def _timestamp_bytes(raw: bytes) -> str:
+    return _timestamp(raw.decode())
+
+
+def _numeric_bytes(raw: bytes) -> str:
+    return _numeric(raw.decode())
+
+
 # Bytes-level fast paths for the common column types (no str detour).
 _FAST: Final[dict[int, Converter]] = {
+    1700: _numeric_bytes,
+    1184: _timestamptz_bytes,
+    1114: _timestamp_bytes,
     16: _BOOL_BYTES.__getitem__,
     20: int,
     21: int,
