@@ -51,6 +51,7 @@ from writer.errors import (
 )
 from writer.lifecycle import TRANSITIONS
 from writer.pricing import SHIPPING_COUNTRIES, check_currency, convert, order_totals
+from writer.statements import LSN
 
 __all__ = [
     "UNSET",
@@ -103,8 +104,6 @@ class PaymentRecorded(Result):
     payment_id: int | None
     amount: Decimal
 
-
-_LSN = "SELECT pg_current_wal_lsn()::text"
 
 # CHECK constraints -> the argument that must have been wrong. The validation
 # module refuses these values first; this catches anything that slips past.
@@ -225,10 +224,9 @@ async def register_customer(
         row_sets = await _round_trip(
             conn,
             "BEGIN;"
-            " INSERT INTO customers (email, full_name, phone, profile, bio)"
-            " VALUES (%(email)s, %(full_name)s, %(phone)s, %(profile)s::jsonb, %(bio)s)"
-            " RETURNING id;"
-            " COMMIT; " + _LSN,
+            " EXECUTE shop_register_customer"
+            "(%(email)s, %(full_name)s, %(phone)s, %(profile)s, %(bio)s);"
+            " COMMIT; " + LSN,
             params,
         )
         return Result(row_sets[0][0][0], _lsn(row_sets))
@@ -268,7 +266,7 @@ async def change_profile(
         raise InvalidInput("change_profile", "nothing to change (give at least one field)")
     query = sql.SQL(
         "BEGIN; UPDATE customers SET {}, updated_at = now() WHERE id = %(id)s RETURNING id;"
-        " COMMIT; " + _LSN
+        " COMMIT; " + LSN
     ).format(sql.SQL(", ").join(sets))
 
     def taken(constraint: str | None) -> DomainError | None:
@@ -319,11 +317,9 @@ async def add_product(
         row_sets = await _round_trip(
             conn,
             "BEGIN;"
-            " INSERT INTO products"
-            " (sku, name, category, price, stock, attributes, description, active)"
-            " VALUES (%(sku)s, %(name)s, %(category)s, %(price)s, %(stock)s,"
-            " %(attributes)s::jsonb, %(description)s, %(active)s) RETURNING id;"
-            " COMMIT; " + _LSN,
+            " EXECUTE shop_add_product(%(sku)s, %(name)s, %(category)s, %(price)s, %(stock)s,"
+            " %(attributes)s, %(description)s, %(active)s);"
+            " COMMIT; " + LSN,
             params,
         )
         return Result(row_sets[0][0][0], _lsn(row_sets))
@@ -345,9 +341,7 @@ async def change_price(pool: Pool, product_id: int, price: Decimal | int | str) 
     return await _update_product(
         pool,
         product_id,
-        "BEGIN;"
-        " UPDATE products SET price = %(price)s, updated_at = now() WHERE id = %(id)s RETURNING id;"
-        " COMMIT; " + _LSN,
+        "BEGIN; EXECUTE shop_change_price(%(id)s, %(price)s); COMMIT; " + LSN,
         {"price": new_price},
     )
 
@@ -361,43 +355,19 @@ async def restock(pool: Pool, product_id: int, quantity: int) -> Result:
     return await _update_product(
         pool,
         product_id,
-        "BEGIN;"
-        " UPDATE products SET stock = stock + %(quantity)s, updated_at = now()"
-        " WHERE id = %(id)s RETURNING id;"
-        " COMMIT; " + _LSN,
+        "BEGIN; EXECUTE shop_restock(%(id)s, %(quantity)s); COMMIT; " + LSN,
         {"quantity": quantity},
     )
 
 
 # --- orders ------------------------------------------------------------------
 
-_LOCK_PRODUCTS = (
-    "SELECT id, price, stock, active FROM products"
-    " WHERE id = ANY(%(product_ids)s::bigint[]) ORDER BY id FOR UPDATE"
-)
-
-_ADD_STOCK = (
-    "UPDATE products SET stock = stock + line.quantity, updated_at = now()"
-    " FROM unnest(%(product_ids)s::bigint[], %(stock_changes)s::int[])"
-    " AS line (product_id, quantity)"
-    " WHERE products.id = line.product_id"
-)
-
+_LOCK_PRODUCTS = "EXECUTE shop_lock_products(%(product_ids)s)"
+_ADD_STOCK = "EXECUTE shop_add_stock(%(product_ids)s, %(stock_changes)s)"
 _PLACE_ORDER = (
-    "WITH new_order AS ("
-    " INSERT INTO orders"
-    " (customer_id, currency, subtotal, tax, shipping_fee, total, shipping_address)"
-    " VALUES (%(customer_id)s, %(currency)s, %(subtotal)s, %(tax)s, %(shipping_fee)s,"
-    " %(total)s, %(address)s::jsonb)"
-    " RETURNING id)"
-    " INSERT INTO order_items (order_id, line_no, product_id, quantity, unit_price, line_total)"
-    " SELECT new_order.id, line.line_no, line.product_id, line.quantity, line.unit_price,"
-    " line.line_total"
-    " FROM new_order, unnest(%(line_nos)s::int[], %(product_ids)s::bigint[],"
-    " %(quantities)s::int[], %(unit_prices)s::numeric[], %(line_totals)s::numeric[])"
-    " AS line (line_no, product_id, quantity, unit_price, line_total)"
-    " RETURNING order_id;"
-    " " + _ADD_STOCK + "; COMMIT; " + _LSN
+    "EXECUTE shop_place_order(%(customer_id)s, %(currency)s, %(subtotal)s, %(tax)s,"
+    " %(shipping_fee)s, %(total)s, %(address)s, %(line_nos)s, %(product_ids)s,"
+    " %(quantities)s, %(unit_prices)s, %(line_totals)s); " + _ADD_STOCK + "; COMMIT; " + LSN
 )
 
 
@@ -418,7 +388,7 @@ async def place_order(
     async with _transaction(pool) as conn:
         customer, products = await _round_trip(
             conn,
-            "BEGIN; SELECT 1 FROM customers WHERE id = %(customer_id)s; " + _LOCK_PRODUCTS,
+            "BEGIN; EXECUTE shop_customer_exists(%(customer_id)s); " + _LOCK_PRODUCTS,
             {"customer_id": customer_id, "product_ids": sorted(p for p, _ in lines)},
         )
         if not customer:
@@ -471,12 +441,7 @@ async def place_order(
         )
 
 
-_LOCK_ORDER = (
-    "SELECT o.status, o.total,"
-    " (SELECT p.method FROM payments p"
-    " WHERE p.order_id = o.id AND p.kind = 'capture' ORDER BY p.id LIMIT 1)"
-    " FROM orders o WHERE o.id = %(order_id)s FOR UPDATE OF o"
-)
+_LOCK_ORDER = "EXECUTE shop_lock_order(%(order_id)s)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,24 +467,15 @@ async def _lock_order(conn: Conn, order_id: int, action: str) -> _LockedOrder:
     return _check_transition(order_id, action, rows)
 
 
-_SET_STATUS: Mapping[str, sql.Composed] = {
-    action: sql.SQL(
-        "UPDATE orders SET status = {status}, {stamp} = now(), updated_at = now()"
-        " WHERE id = %(order_id)s"
-    ).format(status=sql.Literal(t.to), stamp=sql.Identifier(t.timestamp_column))
-    for action, t in TRANSITIONS.items()
-}
-
-_INSERT_PAYMENT = sql.SQL(
-    "INSERT INTO payments (order_id, kind, amount, method, provider_ref)"
-    " VALUES (%(order_id)s, %(kind)s, %(amount)s, %(method)s, %(provider_ref)s) RETURNING id"
+_SET_STATUS = {action: f"EXECUTE shop_set_{action}(%(order_id)s)" for action in TRANSITIONS}
+_INSERT_PAYMENT = (
+    "EXECUTE shop_insert_payment(%(order_id)s, %(kind)s, %(amount)s, %(method)s, %(provider_ref)s)"
 )
+_COMMIT = "COMMIT; " + LSN
 
-_COMMIT = sql.SQL("COMMIT; " + _LSN)
 
-
-def _statements(*parts: sql.Composable) -> sql.Composed:
-    return sql.SQL("; ").join(parts)
+def _statements(*parts: str) -> str:
+    return "; ".join(parts)
 
 
 async def pay(pool: Pool, order_id: int, *, method: str = "card") -> PaymentRecorded:
@@ -559,17 +515,12 @@ async def cancel(pool: Pool, order_id: int) -> PaymentRecorded:
     async with _transaction(pool) as conn:
         order_rows, lines = await _round_trip(
             conn,
-            "BEGIN; " + _LOCK_ORDER + "; SELECT product_id, quantity FROM order_items"
-            " WHERE order_id = %(order_id)s ORDER BY product_id",
+            "BEGIN; " + _LOCK_ORDER + "; EXECUTE shop_order_lines(%(order_id)s)",
             {"order_id": order_id},
         )
         order = _check_transition(order_id, "cancel", order_rows)
         refunds = order.status == "paid"
-        statements: list[sql.Composable] = [
-            sql.SQL(_LOCK_PRODUCTS),
-            sql.SQL(_ADD_STOCK),
-            _SET_STATUS["cancel"],
-        ]
+        statements = [_LOCK_PRODUCTS, _ADD_STOCK, _SET_STATUS["cancel"]]
         if refunds:
             statements.append(_INSERT_PAYMENT)
         row_sets = await _round_trip(

@@ -16,6 +16,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from writer.errors import DatabaseUnavailable
+from writer.statements import prepare
 
 __all__ = [
     "DEFAULT_DSN",
@@ -88,7 +89,7 @@ async def connect(dsn: str, *, autocommit: bool = True) -> psycopg.AsyncConnecti
 
 
 async def open_pool(dsn: str, size: int) -> Pool:
-    """An open pool of ``size`` autocommit connections.
+    """An open pool of ``size`` autocommit connections, the commands' statements prepared.
 
     A direct connection is tried first: a pool would keep retrying in the
     background and report only a timeout, hiding why it cannot connect.
@@ -102,6 +103,7 @@ async def open_pool(dsn: str, size: int) -> Pool:
         kwargs={"autocommit": True},
         open=False,
         name="writer",
+        configure=prepare,
     )
     await pool.open(wait=True, timeout=30)
     return pool
