@@ -112,8 +112,14 @@ def format_occurred_at(ts_ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
 
 
+_last_lsn: list[Any] = [-1, ""]  # the events of one transaction share their commit LSN
+
+
 def encode_event(event: DomainEvent) -> tuple[bytes, bytes]:
     """(key, value) of the Kafka record: aggregate id (utf-8) and the event as JSON."""
+    last = _last_lsn
+    if event.commit_lsn != last[0]:
+        last[0], last[1] = event.commit_lsn, format_lsn(event.commit_lsn)
     return event.aggregate_id.encode(), orjson.dumps(
         {
             "event_id": event.event_id,
@@ -123,7 +129,7 @@ def encode_event(event: DomainEvent) -> tuple[bytes, bytes]:
             "aggregate_id": event.aggregate_id,
             "version": event.version,
             "occurred_at": event.occurred_at,
-            "commit_lsn": format_lsn(event.commit_lsn),
+            "commit_lsn": last[1],
             "data": event.data,
             "changes": event.changes,
         }

@@ -142,7 +142,7 @@ class TransactionMapper:
         *,
         max_changes_per_event: int = 500,
         max_held_changes: int = 20_000,
-        max_tracked_aggregates: int = 100_000,
+        max_tracked_aggregates: int = 10_000,
         aggregates: Iterable[Aggregate] = AGGREGATES,
     ) -> None:
         if max_changes_per_event < 1 or max_held_changes < max_changes_per_event:
@@ -169,10 +169,11 @@ class TransactionMapper:
         self._k_seen: dict[tuple[str, str], int] = {}
         self._k_floor = 0
         self._open = False
-        self._commit_lsn = 0
+        self._commit_lsn = -1  # no change matches until begin()
         self._lsn_text = ""
         self._version_base = 0
         self._occurred_at = ""
+        self._ts_ms = -1
         self._snap_ts_ms = -1
         self._snap_occurred_at = ""
 
@@ -192,13 +193,64 @@ class TransactionMapper:
         self._commit_lsn = commit_lsn
         self._lsn_text = format_lsn(commit_lsn)
         self._version_base = commit_lsn << 16
-        self._occurred_at = format_occurred_at(commit_ts_ms)
+        if commit_ts_ms != self._ts_ms:
+            self._ts_ms = commit_ts_ms
+            self._occurred_at = format_occurred_at(commit_ts_ms)
 
     def add(self, change: RowChange) -> tuple[DomainEvent, ...]:
         """Take the next change of the open transaction; returns events emitted early."""
         op = change.op
-        if op == "r":
-            return (self.snapshot(change),)
+        if change.commit_lsn != self._commit_lsn or op == "r":
+            if op == "r":
+                return (self.snapshot(change),)
+            self._check_open(change)
+        table = self._tables.get((change.schema, change.table))
+        if table is None:
+            table = self._generic_route(change)
+        if op == "t":
+            return self._truncate(change, table)
+        rules = table.by_op.get(op)
+        if rules is None:
+            raise MappingError(
+                f"row change of {change.schema}.{change.table} (seq {change.seq}) has op "
+                f"{op!r}; expected one of c, u, d, t (r goes to snapshot())"
+            )
+        row = change.after if change.after is not None else change.before
+        id_column = table.id_column
+        if id_column is not None:
+            value = row.get(id_column) if row is not None else None
+            if value is None:  # e.g. a payments delete with a key-only before-image
+                table = self._generic_route(change)
+                rules = table.by_op[op]
+                aggregate_id = self._key_id(change, row)
+            else:
+                aggregate_id = value if value.__class__ is str else str(value)
+        else:
+            aggregate_id = self._key_id(change, row)
+
+        group = self._last
+        if (
+            group is None
+            or group.aggregate_id != aggregate_id
+            or group.aggregate_type is not table.aggregate_type
+        ):
+            group = self._group(table.aggregate_type, aggregate_id)
+
+        for rule in rules:
+            if rule.when is None or rule.when(change):
+                break
+        if not rule.joins or not self._join(group, rule, change):
+            if group.drafts and rule.spec.name in self._absorbers:
+                self._absorb(rule, change, group.drafts)
+            else:
+                group.drafts.append(_Draft(rule.spec, change, rule.joins))
+        group.held += 1
+        self._held += 1
+        if self._held > self.max_held_changes:
+            return tuple(self._shrink())
+        return _NO_EVENTS
+
+    def _check_open(self, change: RowChange) -> None:
         if not self._open:
             raise MappingError(
                 f"row change of {change.schema}.{change.table} (seq {change.seq}) arrived "
@@ -210,44 +262,6 @@ class TransactionMapper:
                 f"the transaction committed at {format_lsn(change.commit_lsn)}, but the open "
                 f"one commits at {self._lsn_text}; call end() before the next begin()"
             )
-        table = self._route(change)
-        if op == "t":
-            return self._truncate(change, table)
-        row = change.after if change.after is not None else change.before
-        if table.id_column is not None:
-            value = row.get(table.id_column) if row is not None else None
-            if value is None:  # e.g. a payments delete with a key-only before-image
-                table = self._generic_route(change)
-                aggregate_id = self._key_id(change, row)
-            else:
-                aggregate_id = value if value.__class__ is str else str(value)
-        else:
-            aggregate_id = self._key_id(change, row)
-
-        group = self._last
-        if (
-            group is None
-            or group.aggregate_id != aggregate_id
-            or group.aggregate_type != table.aggregate_type
-        ):
-            group = self._group(table.aggregate_type, aggregate_id)
-
-        rules = table.by_op.get(op)
-        if rules is None:
-            raise MappingError(
-                f"row change of {change.schema}.{change.table} (seq {change.seq}) has op "
-                f"{op!r}; expected one of c, u, d, t (r goes to snapshot())"
-            )
-        for rule in rules:
-            if rule.when is None or rule.when(change):
-                break
-        if not rule.joins or not self._join(group, rule, change):
-            self._open_draft(group, rule, change)
-        group.held += 1
-        self._held += 1
-        if self._held > self.max_held_changes:
-            return tuple(self._shrink())
-        return _NO_EVENTS
 
     def end(self) -> list[DomainEvent]:
         """Close the transaction: every event not yet emitted, per aggregate in version order."""
@@ -262,6 +276,7 @@ class TransactionMapper:
         self._k_seen.clear()
         self._k_floor = 0
         self._open = False
+        self._commit_lsn = -1
         return out
 
     # ---- snapshots
@@ -273,7 +288,7 @@ class TransactionMapper:
                 f"snapshot() takes snapshot reads (op 'r'), got op {change.op!r} for "
                 f"{change.schema}.{change.table}; streamed changes go through begin/add/end"
             )
-        table = self._route(change)
+        table = self._tables.get((change.schema, change.table)) or self._generic_route(change)
         row = change.after if change.after is not None else (change.before or {})
         key = [row.get(name) for name in change.key] if change.key else [row]
         event_id = snapshot_event_id(change.lsn, change.schema, change.table, key)
@@ -306,10 +321,6 @@ class TransactionMapper:
         )
 
     # ---- routing
-
-    def _route(self, change: RowChange) -> _Table:
-        table = self._tables.get((change.schema, change.table))
-        return table if table is not None else self._generic_route(change)
 
     def _generic_route(self, change: RowChange) -> _Table:
         name = (change.schema, change.table)
@@ -352,15 +363,9 @@ class TransactionMapper:
                 return False
         return False
 
-    def _open_draft(self, group: _Group, rule: _Rule, change: RowChange) -> None:
+    def _absorb(self, rule: _Rule, change: RowChange, drafts: list[_Draft]) -> None:
+        """Open an event, folding in earlier ones that join its type (payment before status)."""
         draft = _Draft(rule.spec, change, rule.joins)
-        drafts = group.drafts
-        if drafts and rule.spec.name in self._absorbers:
-            self._absorb(draft, drafts)
-        drafts.append(draft)
-
-    def _absorb(self, draft: _Draft, drafts: list[_Draft]) -> None:
-        """Fold earlier events that join this new one's type into it (payment before status)."""
         name = draft.spec.name
         takes = draft.spec.takes
         cap = self.max_changes_per_event
@@ -376,6 +381,7 @@ class TransactionMapper:
             draft.joined.extend(earlier.joined)
             draft.unsorted = True
             del drafts[i]
+        drafts.append(draft)
 
     def _shrink(self) -> list[DomainEvent]:
         """Emit the least recently touched aggregates until the held changes fit the cap."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import tracemalloc
+import json
+import subprocess
+import sys
 from collections import Counter
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -108,7 +110,7 @@ def _ident(env: dict[str, Any]) -> tuple[str, int]:
     return env["source"]["commit_lsn"], env["source"]["seq"]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(transactions(), caps)
 def test_every_change_is_in_exactly_one_event(txs: list[list[RowChange]], cap: Any) -> None:
     events = run(txs, _mapper(cap))
@@ -117,7 +119,7 @@ def test_every_change_is_in_exactly_one_event(txs: list[list[RowChange]], cap: A
     assert covered == expected
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(transactions(), caps)
 def test_versions_of_each_aggregate_strictly_increase(txs: list[list[RowChange]],
                                                       cap: Any) -> None:  # fmt: skip
@@ -129,7 +131,7 @@ def test_versions_of_each_aggregate_strictly_increase(txs: list[list[RowChange]]
         last[agg] = e.version
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(transactions(), caps)
 def test_event_ids_are_unique_and_the_same_on_replay(txs: list[list[RowChange]],
                                                      cap: Any) -> None:  # fmt: skip
@@ -140,7 +142,7 @@ def test_event_ids_are_unique_and_the_same_on_replay(txs: list[list[RowChange]],
     assert len(ids) == len(set(ids))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(transactions(), caps)
 def test_an_event_is_named_for_its_first_change_and_lists_changes_in_order(
     txs: list[list[RowChange]], cap: Any
@@ -178,7 +180,7 @@ def test_an_order_and_its_items_within_the_cap_are_one_event() -> None:
 def test_held_changes_beyond_the_cap_are_emitted_early_from_add() -> None:
     mapper = TransactionMapper(max_changes_per_event=2, max_held_changes=3)
     mapper.begin(COMMIT, TS_MS, 42)
-    early = []
+    early: list[DomainEvent] = []
     for seq in range(5):
         early += mapper.add(_change("c", "customers", seq, None, {"id": seq}))
     assert [e.aggregate_id for e in early] == ["0", "1"]
@@ -203,34 +205,46 @@ def test_forgotten_aggregates_restart_above_every_forgotten_version() -> None:
     assert ones[0] < ones[1] < ones[2]
 
 
+_HUGE_TX = """
+import json, resource, sys
+from cdc.changes import RowChange
+from cdc.mapping import TransactionMapper
+
+n, commit = int(sys.argv[1]), 0x16_B374_D848
+mapper = TransactionMapper(max_held_changes=20_000)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+covered = 0
+mapper.begin(commit, 0, 1)
+for seq in range(n):  # orders with three items each, and product updates
+    if seq % 10 == 0:
+        op, table, key, row = "c", "orders", ("id",), {"id": seq, "status": "pending"}
+    elif seq % 10 < 4:
+        op, table, key = "c", "order_items", ("order_id", "line_no")
+        row = {"order_id": seq - seq % 10, "line_no": seq % 10}
+    else:
+        op, table, key, row = "u", "products", ("id",), {"id": seq, "stock": 1}
+    change = RowChange(op, "public", table, key, None, row, (), (), commit - n + seq, commit,
+                       1, seq, 0, None)
+    for event in mapper.add(change):
+        covered += len(event.changes)
+for event in mapper.end():
+    covered += len(event.changes)
+growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+print(json.dumps({"covered": covered, "growth_kib": growth}))
+"""
+
+
 def test_a_huge_transaction_is_mapped_in_bounded_memory() -> None:
-    n = 500_000
-
-    def changes() -> Iterator[RowChange]:
-        for seq in range(n):
-            if seq % 10 == 0:
-                yield _change("c", "orders", seq, None, {"id": seq, "status": "pending"})
-            elif seq % 10 < 4:
-                yield _change("c", "order_items", seq, None,
-                              {"order_id": seq - seq % 10, "line_no": seq % 10})  # fmt: skip
-            else:
-                yield _change("u", "products", seq, None, {"id": seq, "stock": 1})
-
-    mapper = TransactionMapper(max_held_changes=20_000)
-    seen = 0
-    tracemalloc.start()
-    try:
-        mapper.begin(COMMIT, TS_MS, 42)
-        for change in changes():
-            for event in mapper.add(change):
-                seen += len(event.changes)
-        for event in mapper.end():
-            seen += len(event.changes)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert seen == n
-    assert peak < 40 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB"
+    # A fresh process, so its peak RSS is this transaction's alone. Holding all
+    # 500k changes (no cap) grows it by ~850 MiB; the 20k-change cap by ~45 MiB.
+    done = subprocess.run(
+        [sys.executable, "-c", _HUGE_TX, "500000"],
+        capture_output=True, text=True, check=True, timeout=240,
+        cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    assert result["covered"] == 500_000
+    assert result["growth_kib"] < 150 * 1024, f"peak RSS grew by {result['growth_kib']} KiB"
 
 
 # ---- contract of the calls
