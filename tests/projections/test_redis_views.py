@@ -1,0 +1,626 @@
+"""Redis user views against the real Redis: lifecycle, money, guards, positions.
+
+Events are made the way cdc makes them: row changes shaped like pgoutput's
+(default replica identity: updates carry no before-image, deletes a key-only
+one, unchanged TOAST columns are absent from `after`) go through
+cdc.mapping.TransactionMapper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cdc.changes import RowChange
+from cdc.events import DomainEvent
+from cdc.mapping import TransactionMapper
+from projections.positions import Position
+from projections.redis_views import RECENT, RedisViews
+from tests.projections.conftest import REDIS_URL, delete_namespace
+
+KEYS = {
+    "customers": ("id",),
+    "orders": ("id",),
+    "order_items": ("order_id", "line_no"),
+    "payments": ("id",),
+    "products": ("id",),
+}
+TOPIC = "shop.order.events"
+
+
+def iso(ms: int) -> str:
+    """A timestamptz as cdc writes it: trailing zeros of the fraction dropped."""
+    seconds, milli = divmod(ms, 1000)
+    base = f"2026-11-{1 + seconds // 86400:02d}T{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return f"{base}.{milli:03d}".rstrip("0").rstrip(".") + "Z"
+
+
+class Shop:
+    """The write model's row changes for the commands of the shop, as events."""
+
+    def __init__(self, lsn: int = 0x1_0000_0000, step: int = 0x100) -> None:
+        self.mapper = TransactionMapper()
+        self.lsn = lsn
+        self.step = step
+        self.ms = 1_000
+        self.customers: dict[int, dict[str, Any]] = {}
+        self.orders: dict[int, dict[str, Any]] = {}
+        self.items: dict[int, list[dict[str, Any]]] = {}
+        self.payments: dict[int, dict[str, Any]] = {}
+        self.payment_ids = itertools.count(1)
+
+    # ---- transactions
+
+    def _tx(
+        self,
+        changes: list[
+            tuple[str, str, dict[str, Any] | None, dict[str, Any] | None, tuple[str, ...]]
+        ],
+    ) -> list[DomainEvent]:
+        self.lsn += self.step
+        self.ms += 1_000
+        rows = [
+            RowChange(op, "public", table, KEYS.get(table, ("id",)), before, after, unavailable,
+                      (), self.lsn - len(changes) + seq, self.lsn, 700, seq, self.ms, None)
+            for seq, (op, table, before, after, unavailable) in enumerate(changes)
+        ]  # fmt: skip
+        self.mapper.begin(self.lsn, self.ms, 700)
+        out: list[DomainEvent] = []
+        for row in rows:
+            out += self.mapper.add(row)
+        return out + self.mapper.end()
+
+    def now(self) -> str:
+        return iso(self.ms + 1_000)
+
+    # ---- customers
+
+    def register(self, cid: int, name: str = "Ada", bio: str = "b" * 3000) -> list[DomainEvent]:
+        row = {
+            "id": cid, "email": f"c{cid}@example.com", "full_name": name, "phone": None,
+            "profile": {"tier": "gold"}, "bio": bio, "created_at": self.now(), "updated_at": self.now(),
+        }  # fmt: skip
+        self.customers[cid] = row
+        return self._tx([("c", "customers", None, dict(row), ())])
+
+    def change_profile(self, cid: int, **changes: Any) -> list[DomainEvent]:
+        """An update; `bio` unchanged is left out of after (unchanged TOAST)."""
+        row = self.customers[cid]
+        row.update(changes, updated_at=self.now())
+        if "bio" in changes:
+            return self._tx([("u", "customers", None, dict(row), ())])
+        after = {k: v for k, v in row.items() if k != "bio"}
+        return self._tx([("u", "customers", None, after, ("bio",))])
+
+    def delete_customer(self, cid: int) -> list[DomainEvent]:
+        del self.customers[cid]
+        return self._tx([("d", "customers", {"id": cid}, None, ())])
+
+    # ---- orders
+
+    def place(
+        self, oid: int, cid: int, prices: list[str] | None = None, currency: str = "EUR"
+    ) -> list[DomainEvent]:
+        prices = prices or ["10.00"]
+        items = [
+            {"order_id": oid, "line_no": n, "product_id": 100 + n, "quantity": 1,
+             "unit_price": p, "line_total": p}
+            for n, p in enumerate(prices, 1)
+        ]  # fmt: skip
+        total = sum((Decimal(p) for p in prices), Decimal("0.00"))
+        row = {
+            "id": oid, "customer_id": cid, "status": "pending", "currency": currency,
+            "subtotal": str(total), "tax": "0.00", "shipping_fee": "0.00", "total": str(total),
+            "shipping_address": {"country": "DE", "city": "Berlin"}, "placed_at": self.now(),
+            "paid_at": None, "shipped_at": None, "cancelled_at": None, "refunded_at": None,
+            "updated_at": self.now(),
+        }  # fmt: skip
+        self.orders[oid] = row
+        self.items[oid] = items
+        return self._tx(
+            [("c", "orders", None, dict(row), ())]
+            + [("c", "order_items", None, dict(i), ()) for i in items]
+        )
+
+    def _status(self, oid: int, status: str, payment: str | None = None) -> list[DomainEvent]:
+        row = self.orders[oid]
+        row.update({"status": status, f"{status}_at": self.now(), "updated_at": self.now()})
+        changes: list[Any] = [("u", "orders", None, dict(row), ())]
+        if payment is not None:
+            pay = {
+                "id": next(self.payment_ids), "order_id": oid, "kind": payment,
+                "amount": row["total"], "method": "card", "provider_ref": str(uuid.uuid4()),
+                "created_at": self.now(),
+            }  # fmt: skip
+            self.payments[pay["id"]] = pay
+            changes.append(("c", "payments", None, dict(pay), ()))
+        return self._tx(changes)
+
+    def pay(self, oid: int) -> list[DomainEvent]:
+        return self._status(oid, "paid", "capture")
+
+    def ship(self, oid: int) -> list[DomainEvent]:
+        return self._status(oid, "shipped")
+
+    def cancel(self, oid: int) -> list[DomainEvent]:
+        was_paid = self.orders[oid]["status"] == "paid"
+        return self._status(oid, "cancelled", "refund" if was_paid else None)
+
+    def refund(self, oid: int) -> list[DomainEvent]:
+        return self._status(oid, "refunded", "refund")
+
+    def delete_order(self, oid: int) -> list[DomainEvent]:
+        del self.orders[oid]
+        items = self.items.pop(oid)
+        paid = [p for p in self.payments if self.payments[p]["order_id"] == oid]
+        for pid in paid:
+            del self.payments[pid]
+        return self._tx(
+            [("d", "payments", {"id": pid}, None, ()) for pid in paid]
+            + [
+                ("d", "order_items", {"order_id": oid, "line_no": i["line_no"]}, None, ())
+                for i in items
+            ]
+            + [("d", "orders", {"id": oid}, None, ())]
+        )
+
+    def truncate(self, *tables: str) -> list[DomainEvent]:
+        if "orders" in tables:
+            self.orders.clear()
+            self.items.clear()
+            self.payments.clear()
+        if "customers" in tables:
+            self.customers.clear()
+        return self._tx([("t", t, None, None, ()) for t in tables])
+
+    def add_product(self, pid: int) -> list[DomainEvent]:
+        row = {"id": pid, "sku": f"SKU-{pid}", "name": "Tea", "category": "food", "price": "3.50"}
+        return self._tx([("c", "products", None, row, ())])
+
+    def snapshot(self) -> list[DomainEvent]:
+        """Every current row as a snapshot read (op r) at the next LSN."""
+        self.lsn += self.step
+        reads = [("customers", r) for r in self.customers.values()]
+        reads += [("orders", r) for r in self.orders.values()]
+        reads += [("order_items", i) for items in self.items.values() for i in items]
+        reads += [("payments", p) for p in self.payments.values()]
+        return [
+            self.mapper.snapshot(
+                RowChange(
+                    "r",
+                    "public",
+                    t,
+                    KEYS[t],
+                    None,
+                    dict(r),
+                    (),
+                    (),
+                    self.lsn,
+                    self.lsn,
+                    0,
+                    0,
+                    self.ms,
+                    "initial",
+                )
+            )
+            for t, r in reads
+        ]
+
+
+async def dump(client: redis.Redis, namespace: str, *, positions: bool = False) -> dict[bytes, Any]:
+    """Every key of the namespace with its whole value (positions left out unless asked)."""
+    out: dict[bytes, Any] = {}
+    async for key in client.scan_iter(match=f"{namespace}:*", count=1000):
+        if key.endswith(b":positions") and not positions:
+            continue
+        kind = await client.type(key)
+        if kind == b"hash":
+            out[key] = await client.hgetall(key)
+        elif kind == b"zset":
+            out[key] = await client.zrange(key, 0, -1, withscores=True)
+        elif kind == b"set":
+            out[key] = await client.smembers(key)
+        else:
+            out[key] = (kind, await client.dump(key))
+    return out
+
+
+def at(offset: int, watermark: int = 0, partition: int = 0) -> dict[tuple[str, int], Position]:
+    return {(TOPIC, partition): Position(offset, watermark)}
+
+
+@pytest.fixture
+def views(redis_client: redis.Redis, redis_namespace: str) -> RedisViews:
+    return RedisViews(redis_client, redis_namespace)
+
+
+# ---- lifecycle and money
+
+
+async def test_place_pay_ship_moves_the_order_through_its_statuses(views: RedisViews) -> None:
+    shop = Shop()
+    events = shop.register(1) + shop.place(10, 1, ["12.50", "7.25"])
+    await views.apply(events, at(2))
+    assert (await views.order("10"))["status"] == "pending"  # type: ignore[index]
+    await views.apply(shop.pay(10), at(3))
+    await views.apply(shop.ship(10), at(4))
+
+    order = await views.order("10")
+    user = await views.user("1")
+    assert order is not None and user is not None
+    assert order["status"] == "shipped"
+    assert order["customer_id"] == 1
+    assert order["total"] == "19.75"
+    assert order["paid_at"] is not None and order["shipped_at"] is not None
+    assert [i["line_total"] for i in order["items"]] == ["12.50", "7.25"]
+    assert user["order_counts"] == {
+        "pending": 0,
+        "paid": 0,
+        "shipped": 1,
+        "cancelled": 0,
+        "refunded": 0,
+    }
+    assert user["lifetime_spend"] == {"EUR": "19.75"}
+    assert user["recent_orders"][0]["status"] == "shipped"
+    assert user["last_activity"] == shop.orders[10]["updated_at"].replace("Z", ".000000Z")
+
+
+async def test_cancelling_a_paid_order_takes_its_spend_back(views: RedisViews) -> None:
+    shop = Shop()
+    await views.apply(shop.register(1) + shop.place(10, 1, ["30.00"]) + shop.pay(10), at(3))
+    assert (await views.user("1"))["lifetime_spend"] == {"EUR": "30.00"}  # type: ignore[index]
+    await views.apply(shop.cancel(10), at(4))
+    user = await views.user("1")
+    assert user is not None
+    assert user["lifetime_spend"] == {}
+    assert user["order_counts"]["cancelled"] == 1 and user["order_counts"]["paid"] == 0
+    assert (await views.order("10"))["net_paid"] == "0.00"  # type: ignore[index]
+
+
+async def test_a_refund_subtracts_the_refunded_amount_from_lifetime_spend(
+    views: RedisViews,
+) -> None:
+    shop = Shop()
+    events = shop.register(1) + shop.place(10, 1, ["5.10"]) + shop.pay(10)
+    events += shop.place(11, 1, ["2.35"]) + shop.pay(11) + shop.ship(11) + shop.refund(11)
+    await views.apply(events, at(7))
+    user = await views.user("1")
+    assert user is not None
+    assert user["lifetime_spend"] == {"EUR": "5.10"}
+    assert user["order_counts"]["refunded"] == 1 and user["order_counts"]["paid"] == 1
+
+
+async def test_spend_is_kept_per_currency(views: RedisViews) -> None:
+    shop = Shop()
+    events = shop.register(1) + shop.place(10, 1, ["1.00"]) + shop.pay(10)
+    events += shop.place(11, 1, ["1.08"], currency="USD") + shop.pay(11)
+    await views.apply(events, at(5))
+    assert (await views.user("1"))["lifetime_spend"] == {"EUR": "1.00", "USD": "1.08"}  # type: ignore[index]
+
+
+async def test_lifetime_spend_is_exact_over_many_orders(views: RedisViews) -> None:
+    shop = Shop()
+    rng = random.Random(7)
+    events = shop.register(1)
+    expected = Decimal("0.00")
+    for oid in range(1, 601):
+        price = f"{rng.randint(0, 99_999)}.{rng.randint(0, 99):02d}"
+        events += shop.place(oid, 1, [price, "0.10", "0.20"]) + shop.pay(oid)
+        expected += Decimal(price) + Decimal("0.30")
+        if oid % 7 == 0:
+            events += shop.refund(oid)
+            expected -= Decimal(price) + Decimal("0.30")
+    await views.apply(events, at(len(events)))
+    user = await views.user("1")
+    assert user is not None
+    assert Decimal(user["lifetime_spend"]["EUR"]) == expected
+    assert user["lifetime_spend"]["EUR"] == str(expected)
+    assert user["orders"] == 600
+
+
+# ---- the guard
+
+
+async def test_the_same_batch_applied_twice_leaves_every_key_unchanged(
+    views: RedisViews, redis_client: redis.Redis, redis_namespace: str
+) -> None:
+    shop = Shop()
+    events = shop.register(1) + shop.change_profile(1, full_name="Ada L.")
+    events += (
+        shop.place(10, 1, ["3.00", "4.00"]) + shop.pay(10) + shop.place(11, 1) + shop.cancel(11)
+    )
+    await views.apply(events, at(6))
+    first = await dump(redis_client, redis_namespace, positions=True)
+    await views.apply(events, at(6))
+    assert await dump(redis_client, redis_namespace, positions=True) == first
+    assert views.ops_skipped == views.ops_applied
+
+
+async def test_an_older_event_after_a_newer_one_is_ignored(views: RedisViews) -> None:
+    shop = Shop()
+    placed = shop.register(1) + shop.place(10, 1)
+    paid = shop.pay(10)
+    shipped = shop.ship(10)
+    await views.apply(placed + paid + shipped, at(4))
+    await views.apply(paid, at(4))
+    await views.apply(placed, at(4))
+    order, user = await views.order("10"), await views.user("1")
+    assert order is not None and user is not None
+    assert order["status"] == "shipped"
+    assert user["order_counts"]["shipped"] == 1 and user["orders"] == 1
+
+
+async def test_redelivered_events_never_count_twice(views: RedisViews) -> None:
+    shop = Shop()
+    events = shop.register(1)
+    for oid in range(1, 6):
+        events += shop.place(oid, 1, ["1.00"]) + shop.pay(oid)
+    for start in range(0, len(events), 3):  # overlapping redeliveries, as after crashes
+        await views.apply(events[start : start + 5], at(start))
+    await views.apply(events, at(len(events)))
+    user = await views.user("1")
+    assert user is not None
+    assert user["order_counts"]["paid"] == 5 and user["orders"] == 5
+    assert user["lifetime_spend"] == {"EUR": "5.00"}
+    assert len(user["recent_orders"]) == 5
+
+
+async def test_versions_beyond_2_to_the_53_compare_exactly(views: RedisViews) -> None:
+    lsn = (1 << 62) + 1  # versions near 2^78: neighbours are equal as doubles
+    shop = Shop(lsn=lsn, step=1)
+    placed = shop.register(1) + shop.place(10, 1)
+    paid = shop.pay(10)
+    assert float(paid[0].version) == float(paid[0].version - (1 << 16))
+    await views.apply(placed + paid, at(1))
+    await views.apply(placed, at(1))
+    assert (await views.order("10"))["status"] == "paid"  # type: ignore[index]
+
+
+async def test_an_unavailable_toast_column_keeps_the_stored_profile_value(
+    views: RedisViews,
+) -> None:
+    shop = Shop()
+    bio = "a long biography " * 500
+    events = shop.register(1, bio=bio) + shop.change_profile(1, full_name="Ada King")
+    assert events[-1].changes[0]["unavailable"] == ["bio"]
+    assert "bio" not in events[-1].changes[0]["after"]
+    await views.apply(events, at(2))
+    profile = (await views.user("1"))["profile"]  # type: ignore[index]
+    assert profile["full_name"] == "Ada King"
+    assert profile["bio"] == bio
+
+
+async def test_a_toast_column_arriving_late_is_filled_in_by_the_older_write(
+    views: RedisViews,
+) -> None:
+    shop = Shop()
+    registered = shop.register(1, bio="first")
+    renamed = shop.change_profile(1, full_name="Ada King")
+    await views.apply(renamed, at(1))
+    await views.apply(registered, at(1))
+    profile = (await views.user("1"))["profile"]  # type: ignore[index]
+    assert profile["full_name"] == "Ada King" and profile["bio"] == "first"
+
+
+# ---- the recent list, deletes, truncates, snapshots, other events
+
+
+async def test_recent_orders_are_newest_first_and_trimmed_to_twenty(views: RedisViews) -> None:
+    shop = Shop()
+    events = shop.register(1)
+    for oid in range(1, 31):
+        events += shop.place(oid, 1, [f"{oid}.00"])
+    random.Random(3).shuffle(events)  # placed_at, not arrival, orders the list
+    await views.apply(events, at(31))
+    user = await views.user("1")
+    assert user is not None
+    assert [o["order_id"] for o in user["recent_orders"]] == [str(o) for o in range(30, 10, -1)]
+    assert len(user["recent_orders"]) == RECENT
+    assert user["recent_orders"][0] == {
+        "order_id": "30", "status": "pending", "total": "30.00", "currency": "EUR",
+        "placed_at": shop.orders[30]["placed_at"],
+    }  # fmt: skip
+    assert user["order_counts"]["pending"] == 30
+
+
+async def test_a_deleted_order_leaves_the_counts_the_spend_and_the_list(views: RedisViews) -> None:
+    shop = Shop()
+    events = shop.register(1) + shop.place(10, 1) + shop.place(11, 1, ["4.00"]) + shop.pay(11)
+    events += shop.delete_order(11)
+    await views.apply(events, at(5))
+    user = await views.user("1")
+    assert user is not None
+    assert await views.order("11") is None
+    assert user["orders"] == 1 and user["order_counts"]["pending"] == 1
+    assert [o["order_id"] for o in user["recent_orders"]] == ["10"]
+
+
+async def test_a_deleted_customer_has_no_profile_but_keeps_its_order_stats(
+    views: RedisViews,
+) -> None:
+    shop = Shop()
+    events = shop.register(1) + shop.register(2) + shop.place(10, 1) + shop.delete_customer(2)
+    await views.apply(events, at(4))
+    assert (await views.user("2"))["profile"] is None  # type: ignore[index]
+    assert (await views.user("1"))["orders"] == 1  # type: ignore[index]
+
+
+async def test_unknown_ids_read_as_none(views: RedisViews) -> None:
+    await views.apply(Shop().register(1), at(1))
+    assert await views.user("404") is None
+    assert await views.order("404") is None
+
+
+async def test_a_truncate_of_orders_clears_order_views_and_their_stats(views: RedisViews) -> None:
+    shop = Shop()
+    events = shop.register(1) + shop.place(10, 1) + shop.pay(10)
+    events += shop.truncate("orders", "order_items", "payments")
+    await views.apply(events, at(4))
+    await views.apply(events[:3], at(4))  # redelivered pre-truncate events stay out
+    user = await views.user("1")
+    assert user is not None
+    assert await views.order("10") is None
+    assert user["orders"] == 0 and user["lifetime_spend"] == {} and user["recent_orders"] == []
+    assert user["profile"] is not None
+
+
+async def test_a_truncate_seen_again_on_another_partition_keeps_later_orders(
+    views: RedisViews,
+) -> None:
+    shop = Shop()
+    before = shop.register(1) + shop.place(10, 1)
+    truncate = shop.truncate("orders", "order_items")
+    after = shop.place(11, 1)
+    await views.apply(before + truncate + after, at(4, partition=0))
+    await views.apply(truncate, at(1, partition=1))  # the copy published to partition 1
+    user = await views.user("1")
+    assert user is not None
+    assert await views.order("10") is None
+    assert (await views.order("11"))["items"] != []  # type: ignore[index]
+    assert [o["order_id"] for o in user["recent_orders"]] == ["11"]
+
+
+async def test_a_snapshot_builds_the_same_views_as_the_stream(
+    redis_client: redis.Redis, redis_namespace: str
+) -> None:
+    shop = Shop()
+    streamed = shop.register(1) + shop.place(10, 1, ["2.00"]) + shop.pay(10) + shop.place(11, 1)
+    snapshot = shop.snapshot()
+    assert {e.event_type for e in snapshot} == {
+        "CustomerSnapshotted", "OrderSnapshotted", "OrderItemSnapshotted", "PaymentSnapshotted",
+    }  # fmt: skip
+    a = RedisViews(redis_client, f"{redis_namespace}:a")
+    b = RedisViews(redis_client, f"{redis_namespace}:b")
+    await a.apply(streamed, at(5))
+    await b.apply(snapshot, at(5))
+    for oid in ("10", "11"):
+        assert await a.order(oid) == await b.order(oid) is not None
+    assert await a.user("1") == await b.user("1") is not None
+
+
+async def test_events_of_other_tables_are_accepted_and_leave_no_view(
+    views: RedisViews, redis_client: redis.Redis, redis_namespace: str
+) -> None:
+    shop = Shop()
+    events = shop.add_product(5)
+    events.append(
+        DomainEvent("x:1", "SomethingNew", 3, "loyalty", "9", 1 << 40, "2026-11-26T00:00:00.000Z",
+                    1 << 24, {}, [])
+    )  # fmt: skip
+    await views.apply(events, at(2))
+    assert views.events_applied == 2
+    assert list(await dump(redis_client, redis_namespace)) == []
+    assert await views.positions() == at(2)
+
+
+# ---- positions and the watermark
+
+
+async def test_positions_never_move_backwards(views: RedisViews) -> None:
+    await views.apply([], {(TOPIC, 0): Position(100, 5000), (TOPIC, 1): Position(7, 10)})
+    await views.apply([], {(TOPIC, 0): Position(40, 3000), (TOPIC, 1): Position(9, 20)})
+    assert await views.positions() == {
+        (TOPIC, 0): Position(100, 5000),
+        (TOPIC, 1): Position(9, 20),
+    }
+
+
+async def test_watermark_is_the_minimum_over_partitions(views: RedisViews) -> None:
+    await views.apply([], {(TOPIC, 0): Position(1, 900), (TOPIC, 1): Position(1, 700)})
+    await views.apply([], {("shop.customer.events", 0): Position(1, 800)})
+    assert await views.watermark() == 700
+
+
+async def test_a_partition_not_seen_yet_holds_the_watermark_at_zero(
+    redis_client: redis.Redis, redis_namespace: str
+) -> None:
+    views = RedisViews(redis_client, redis_namespace, partitions=[(TOPIC, 0), (TOPIC, 1)])
+    await views.apply([], {(TOPIC, 0): Position(1, 900)})
+    assert await views.watermark() == 0
+    await views.apply([], {(TOPIC, 1): Position(1, 800)})
+    assert await views.watermark() == 800
+
+
+async def test_watermark_of_an_empty_projection_is_zero(views: RedisViews) -> None:
+    assert await views.watermark() == 0
+
+
+# ---- convergence
+
+
+def _history(data: st.DataObject) -> list[DomainEvent]:
+    """A random history of a few customers and orders, as events in commit order."""
+    shop = Shop()
+    events: list[DomainEvent] = []
+    for cid in (1, 2):
+        events += shop.register(cid, bio=f"bio {cid}")
+    next_order = 1
+    moves = data.draw(st.lists(st.sampled_from(
+        ["place", "pay", "ship", "cancel", "refund", "profile", "bio", "delete", "truncate"]
+    ), min_size=1, max_size=14))  # fmt: skip
+    for move in moves:
+        live = list(shop.orders)
+        if move == "place":
+            cid = data.draw(st.sampled_from(sorted(shop.customers) or [1]))
+            if cid not in shop.customers:
+                events += shop.register(cid)
+            cents = data.draw(st.integers(0, 10_000))
+            events += shop.place(next_order, cid, [f"{cents // 100}.{cents % 100:02d}", "0.99"])
+            next_order += 1
+        elif move in ("profile", "bio") and shop.customers:
+            cid = data.draw(st.sampled_from(sorted(shop.customers)))
+            extra = {"bio": f"bio {len(events)}"} if move == "bio" else {}
+            events += shop.change_profile(cid, full_name=f"name {len(events)}", **extra)
+        elif move == "truncate" and data.draw(st.booleans()):
+            events += shop.truncate("orders", "order_items", "payments")
+        elif live:
+            oid = data.draw(st.sampled_from(live))
+            status = shop.orders[oid]["status"]
+            allowed = {
+                "pay": status == "pending", "ship": status == "paid",
+                "cancel": status in ("pending", "paid"), "refund": status in ("paid", "shipped"),
+                "delete": True,
+            }  # fmt: skip
+            if allowed.get(move):
+                events += getattr(shop, {"delete": "delete_order"}.get(move, move))(oid)
+    return events
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_any_delivery_order_with_duplicates_converges_to_the_in_order_state(
+    data: st.DataObject,
+) -> None:
+    events = _history(data)
+    shuffled = data.draw(
+        st.permutations(events + data.draw(st.lists(st.sampled_from(events), max_size=10)))
+    )
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(shuffled)), max_size=5)))
+
+    async def run() -> None:
+        client = redis.Redis.from_url(REDIS_URL)
+        base = f"test:{uuid.uuid4().hex}"
+        try:
+            in_order, any_order = RedisViews(client, f"{base}:a"), RedisViews(client, f"{base}:b")
+            for event in sorted(events, key=lambda e: e.version):
+                await in_order.apply([event], {})
+            for lo, hi in itertools.pairwise([0, *cuts, len(shuffled)]):
+                await any_order.apply(shuffled[lo:hi], {})
+            a, b = await dump(client, f"{base}:a"), await dump(client, f"{base}:b")
+            assert {k[len(base) + 2 :]: v for k, v in a.items()} == {
+                k[len(base) + 2 :]: v for k, v in b.items()
+            }
+        finally:
+            await delete_namespace(client, base)
+            await client.aclose()
+
+    asyncio.run(run())
