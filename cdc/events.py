@@ -112,14 +112,17 @@ def format_occurred_at(ts_ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
 
 
-_last_lsn: list[Any] = [-1, ""]  # the events of one transaction share their commit LSN
+# The events of one transaction share their commit LSN: format it once. One
+# tuple swapped as a whole, so concurrent callers never pair an LSN with another's text.
+_last_lsn: tuple[int, str] = (-1, "")
 
 
 def encode_event(event: DomainEvent) -> tuple[bytes, bytes]:
     """(key, value) of the Kafka record: aggregate id (utf-8) and the event as JSON."""
+    global _last_lsn
     last = _last_lsn
     if event.commit_lsn != last[0]:
-        last[0], last[1] = event.commit_lsn, format_lsn(event.commit_lsn)
+        last = _last_lsn = (event.commit_lsn, format_lsn(event.commit_lsn))
     return event.aggregate_id.encode(), orjson.dumps(
         {
             "event_id": event.event_id,

@@ -177,6 +177,21 @@ def test_an_order_and_its_items_within_the_cap_are_one_event() -> None:
     assert [e.event_type for e in events] == ["OrderPlaced"]
 
 
+def test_an_order_larger_than_the_held_cap_is_emitted_in_full_events_as_it_arrives() -> None:
+    mapper = TransactionMapper(max_changes_per_event=500, max_held_changes=1000)
+    mapper.begin(COMMIT, TS_MS, 42)
+    early: list[DomainEvent] = []
+    for change in _big_order(2500):
+        early += mapper.add(change)
+    events = early + mapper.end()
+    assert early, "nothing was emitted before end()"
+    assert events[0].event_type == "OrderPlaced"
+    assert {e.event_type for e in events[1:]} == {"OrderItemsAdded"}
+    assert [i["line_no"] for e in events for i in e.data["items"]] == list(range(1, 2501))
+    versions = [e.version for e in events]
+    assert versions == sorted(set(versions))
+
+
 def test_held_changes_beyond_the_cap_are_emitted_early_from_add() -> None:
     mapper = TransactionMapper(max_changes_per_event=2, max_held_changes=3)
     mapper.begin(COMMIT, TS_MS, 42)
