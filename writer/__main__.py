@@ -113,7 +113,7 @@ def load(
     from rich.console import Console
 
     from writer.display import LiveView, print_summary
-    from writer.load import LoadConfig, run_load, summary
+    from writer.load import LoadConfig, ensure_catalogue, run_load, summary
 
     if rate < 0 or duration < 0 or commands < 0 or concurrency < 1:
         _fail(WriterError("--rate, --duration and --commands must be >= 0, --concurrency >= 1"))
@@ -124,7 +124,9 @@ def load(
     console = Console(stderr=True)
 
     async def main() -> dict[str, object]:
-        await _bootstrap(target, seed)
+        added = await ensure_catalogue(target, seed)
+        if any(added):
+            typer.echo(f"load: bootstrapped {added[0]} customers and {added[1]} products", err=True)
         if live:
             with LiveView(config, console) as view:
                 stats, elapsed = await run_load(target, config, tick=view)
@@ -141,27 +143,6 @@ def load(
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print_summary(result, Console())
-
-
-async def _bootstrap(dsn: str, seed: int) -> None:
-    """An empty shop gets a small catalogue, so that orders have something to refer to."""
-    import asyncio
-
-    from writer.load import MIN_CUSTOMERS, MIN_PRODUCTS, catalogue_size
-    from writer.seed import seed as run_seed
-
-    customers, products = await catalogue_size(dsn)
-    if customers >= MIN_CUSTOMERS and products >= MIN_PRODUCTS:
-        return
-    add_customers = max(0, MIN_CUSTOMERS - customers)
-    add_products = max(0, MIN_PRODUCTS - products)
-    await asyncio.to_thread(
-        run_seed, dsn, customers=add_customers, products=add_products, seed=seed
-    )
-    typer.echo(
-        f"load: bootstrapped {add_customers} customers and {add_products} products",
-        err=True,
-    )
 
 
 def main() -> None:

@@ -45,8 +45,17 @@ from writer.plan import (
     share,
     worker_plan,
 )
+from writer.seed import seed as seed_shop
 
-__all__ = ["LoadConfig", "Stats", "Targets", "run_load", "run_tag", "summary"]
+__all__ = [
+    "LoadConfig",
+    "Stats",
+    "Targets",
+    "ensure_catalogue",
+    "run_load",
+    "run_tag",
+    "summary",
+]
 
 # Below these, the load bootstraps a catalogue (see writer.__main__).
 MIN_CUSTOMERS = 100
@@ -247,8 +256,11 @@ async def _targets(pool: Pool, tag: str) -> Targets:
     return Targets((c_lo, c_hi), (p_lo, p_hi), tag)
 
 
-async def catalogue_size(dsn: str) -> tuple[int, int]:
-    """How many customers and active products there are."""
+async def ensure_catalogue(dsn: str, seed: int) -> tuple[int, int]:
+    """Give a (nearly) empty shop a small catalogue, so that orders have something to refer to.
+
+    Returns how many customers and products were added.
+    """
     conn = await connect(dsn)
     async with conn:
         cur = await conn.execute(
@@ -256,7 +268,13 @@ async def catalogue_size(dsn: str) -> tuple[int, int]:
         )
         row = await cur.fetchone()
     assert row is not None
-    return int(row[0]), int(row[1])
+    add_customers = max(0, MIN_CUSTOMERS - int(row[0]))
+    add_products = max(0, MIN_PRODUCTS - int(row[1]))
+    if add_customers or add_products:
+        await asyncio.to_thread(
+            seed_shop, dsn, customers=add_customers, products=add_products, seed=seed
+        )
+    return add_customers, add_products
 
 
 async def run_load(

@@ -54,6 +54,23 @@ def dsn() -> Iterator[str]:
 
 
 @pytest.fixture
+def fresh_database() -> Iterator[Callable[[str], str]]:
+    """Make an empty database (``writer_test_<suffix>``) for one test; dropped afterwards."""
+    made: list[str] = []
+
+    def make(suffix: str) -> str:
+        name = f"{TEST_DB}_{suffix}"
+        made.append(name)
+        return recreate_database(name)
+
+    yield make
+    admin = make_conninfo(default_dsn(), dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        for name in made:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
 async def pool(dsn: str) -> AsyncIterator[Pool]:
     p = await open_pool(dsn, 4)
     try:
