@@ -157,10 +157,7 @@ def changed_fields(change: RowChange, key: tuple[str, ...] = ()) -> tuple[Data, 
     changed: Data = {}
     previous: Data = {}
     if before is None:
-        for name, value in after.items():
-            if name not in key:
-                changed[name] = value
-        return changed, previous
+        return {name: value for name, value in after.items() if name not in key}, previous
     for name, value in after.items():
         if name in before:
             old = before[name]
