@@ -17,6 +17,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final
 
@@ -120,26 +121,35 @@ class Digest:
     truncations: list[list[Any]]
 
 
-def _json_int(value: int) -> int | str:
-    """orjson writes ints up to 64 bits; bigger ones go as strings (ClickHouse parses both)."""
-    return value if value < _U64 else str(value)
+class _Route:
+    """Where the changes of one projected table go (built per digest, looked up per change)."""
+
+    __slots__ = ("getter", "index", "key_names", "nkey", "pending", "rows", "spec", "width")
+
+    def __init__(self, spec: TableSpec) -> None:
+        self.spec = spec
+        self.getter = itemgetter(*spec.columns)
+        self.index = {c: i for i, c in enumerate(spec.columns)}
+        self.key_names = spec.key
+        self.nkey = len(spec.key)
+        self.width = len(spec.columns)
+        self.rows: dict[tuple[Any, ...], list[Any]] = {}
+        self.pending: dict[tuple[Any, ...], _Pending] = {}
 
 
 def digest(events: Sequence[DomainEvent]) -> Digest:
     """Events -> rows: one per event, and the newest row per key of each projected table.
 
-    The hot path of apply(): a dict lookup per change and a list per row.
+    The hot path of apply(): one dict lookup per change to route it, one
+    C-level itemgetter call to cut the row out of `after`.
     """
-    specs = TABLES
-    index = {name: {c: i for i, c in enumerate(spec.columns)} for name, spec in specs.items()}
-    tables: dict[str, dict[tuple[Any, ...], list[Any]]] = {name: {} for name in specs}
-    pending: dict[str, dict[tuple[Any, ...], _Pending]] = {name: {} for name in specs}
+    routes = {name: _Route(spec) for name, spec in TABLES.items()}
     event_rows: list[list[Any]] = []
     truncations: list[list[Any]] = []
-    width = {name: len(spec.columns) for name, spec in specs.items()}
     for event in events:
         version = event.version
         json_version = version if version < _U64 else str(version)
+        commit_lsn = event.commit_lsn
         event_rows.append(
             [
                 event.event_id,
@@ -148,7 +158,7 @@ def digest(events: Sequence[DomainEvent]) -> Digest:
                 event.aggregate_type,
                 event.aggregate_id,
                 json_version,
-                event.commit_lsn,
+                commit_lsn,
                 event.occurred_at,
                 event.data,
                 event.changes,
@@ -156,50 +166,54 @@ def digest(events: Sequence[DomainEvent]) -> Digest:
         )
         for change in event.changes:
             source = change["source"]
-            name = source["table"]
+            route = routes.get(source["table"])
             op = change["op"]
             if op == "t":
-                truncations.append(
-                    [_qualified(source), event.commit_lsn, source["seq"], event.event_id]
-                )
+                truncations.append([_qualified(source), commit_lsn, source["seq"], event.event_id])
                 continue
-            spec = specs.get(name)
-            if spec is None or source["schema"] != "public":
+            if route is None or source["schema"] != "public":
                 continue
-            rows = tables[name]
+            rows = route.rows
             if op == "d":
                 image = change["before"] or change["after"] or {}
-                row = [None] * width[name]
-                cols = index[name]
-                for k in spec.key:
-                    row[cols[k]] = image.get(k)
-                key = tuple(image.get(k) for k in spec.key)
-                row += (json_version, 1, event.commit_lsn, source["seq"])
+                key = tuple([image.get(k) for k in route.key_names])
                 previous = rows.get(key)
                 if previous is None or _version(previous) <= version:
+                    row = [*key, *([None] * (route.width - route.nkey))]
+                    row += (json_version, 1, commit_lsn, source["seq"])
                     rows[key] = row
-                    pending[name].pop(key, None)
+                    if route.pending:
+                        route.pending.pop(key, None)
                 continue
             after = change["after"]
-            row = [after.get(c) for c in spec.columns]
-            key = tuple(row[i] for i in range(len(spec.key)))
-            row += (json_version, 0, event.commit_lsn, source["seq"])
+            try:
+                row = list(route.getter(after))
+            except KeyError:  # a column absent (unchanged TOAST, or dropped upstream)
+                row = [after.get(c) for c in route.spec.columns]
+            key = tuple(row[: route.nkey])
             previous = rows.get(key)
             if previous is not None and _version(previous) > version:
                 continue
+            row += (json_version, 0, commit_lsn, source["seq"])
             unavailable = change.get("unavailable")
-            missing: set[int] = set()
             if unavailable:
-                cols = index[name]
-                missing = {cols[c] for c in unavailable if c in cols}
-            if missing:
-                _fill_from(row, missing, previous, pending[name].get(key))
+                index = route.index
+                missing = {index[c] for c in unavailable if c in index}
+                if missing:
+                    _fill_from(row, missing, previous, route.pending.get(key))
+                if missing:
+                    rows[key] = row
+                    route.pending[key] = _Pending(row, missing)
+                    continue
             rows[key] = row
-            if missing:
-                pending[name][key] = _Pending(row, missing)
-            else:
-                pending[name].pop(key, None)
-    return Digest(event_rows, tables, pending, truncations)
+            if route.pending:
+                route.pending.pop(key, None)
+    return Digest(
+        event_rows,
+        {name: r.rows for name, r in routes.items()},
+        {name: r.pending for name, r in routes.items()},
+        truncations,
+    )
 
 
 def _qualified(source: dict[str, Any]) -> str:
