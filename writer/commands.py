@@ -4,14 +4,20 @@ Arguments are validated before the database is touched; business rules that
 need current state (stock, order status) are checked on rows locked FOR
 UPDATE; a refused command raises a ``DomainError`` and writes nothing.
 
-Round trips: a command is one or two multi-statement strings sent with the
-simple query protocol, parameters bound client-side by psycopg (quoted by
-libpq, so as safe as server-side binding): ``BEGIN; write; COMMIT; token``,
-or ``BEGIN; read and lock`` then ``writes; COMMIT; token``. Measured on the
-load mix this halves the client's CPU per command compared with pipelining
-one extended-protocol statement at a time (see docs/writer.md).
-Products are always locked in id order, so concurrent orders and
-cancellations never deadlock.
+Two ways of checking a rule against current state:
+  * lock, check, write (place_order, cancel): ``BEGIN; SELECT ... FOR
+    UPDATE`` in one round trip, the check in Python, then ``writes; COMMIT;
+    token`` in a second. Products are locked in id order, so concurrent
+    orders and cancellations never deadlock.
+  * compare-and-set (pay, ship, refund): one UPDATE that moves the order
+    only from a status the lifecycle table allows; if it matched nothing, a
+    read of the status says why. One round trip when the command succeeds.
+
+Round trips: each is one multi-statement string sent with the simple query
+protocol, parameters bound client-side by psycopg (quoted by libpq, as safe
+as server-side binding), running statements prepared once per connection
+(``writer.statements``). That is what keeps client and server CPU per
+command low enough for the benchmark (see docs/writer.md).
 
 The token (``lsn``) is ``pg_current_wal_lsn()`` read right after COMMIT, in
 the same round trip: a position at or past the end of the commit record.
@@ -461,13 +467,6 @@ def _check_transition(order_id: int, action: str, rows: Rows) -> _LockedOrder:
     return order
 
 
-async def _lock_order(conn: Conn, order_id: int, action: str) -> _LockedOrder:
-    """BEGIN, lock the order and check that ``action`` is allowed from its status."""
-    (rows,) = await _round_trip(conn, "BEGIN; " + _LOCK_ORDER, {"order_id": order_id})
-    return _check_transition(order_id, action, rows)
-
-
-_SET_STATUS = {action: f"EXECUTE shop_set_{action}(%(order_id)s)" for action in TRANSITIONS}
 _INSERT_PAYMENT = (
     "EXECUTE shop_insert_payment(%(order_id)s, %(kind)s, %(amount)s, %(method)s, %(provider_ref)s)"
 )
@@ -478,35 +477,70 @@ def _statements(*parts: str) -> str:
     return "; ".join(parts)
 
 
+async def _move(
+    pool: Pool, order_id: int, action: str, statement: str, params: dict[str, Any]
+) -> list[Rows]:
+    """Run a compare-and-set status change; if it matched nothing, say why.
+
+    The statement changes the order only from a status the lifecycle allows,
+    so the check and the change are one atomic step (no lock held across a
+    round trip). Statuses never return to an earlier one, so if the order
+    is in an allowed status by the time we look, it got there just now:
+    try once more.
+    """
+    allowed = TRANSITIONS[action].allowed_from
+    for _ in range(2):
+        async with _transaction(pool) as conn:
+            row_sets = await _round_trip(conn, "BEGIN; " + statement + "; " + _COMMIT, params)
+            if row_sets[0]:
+                return row_sets
+            (status_rows,) = await _round_trip(
+                conn, "EXECUTE shop_order_status(%(order_id)s)", {"order_id": order_id}
+            )
+        if not status_rows:
+            raise OrderNotFound(order_id)
+        status = status_rows[0][0]
+        if status not in allowed:
+            raise InvalidOrderState(order_id, action, status, allowed)
+    raise InvalidOrderState(order_id, action, status, allowed)
+
+
 async def pay(pool: Pool, order_id: int, *, method: str = "card") -> PaymentRecorded:
     """Capture the order's total: pending -> paid, one capture payment."""
     order_id = v.positive_id("order_id", order_id)
     method = v.payment_method(method)
-    async with _transaction(pool) as conn:
-        order = await _lock_order(conn, order_id, "pay")
-        row_sets = await _round_trip(
-            conn,
-            _statements(_SET_STATUS["pay"], _INSERT_PAYMENT, _COMMIT),
-            {
-                "order_id": order_id,
-                "kind": "capture",
-                "amount": order.total,
-                "method": method,
-                "provider_ref": uuid.uuid4(),
-            },
-        )
-        return PaymentRecorded(order_id, _lsn(row_sets), row_sets[0][0][0], order.total)
+    row_sets = await _move(
+        pool,
+        order_id,
+        "pay",
+        "EXECUTE shop_pay(%(order_id)s, %(method)s, %(provider_ref)s)",
+        {"order_id": order_id, "method": method, "provider_ref": uuid.uuid4()},
+    )
+    payment_id, amount = row_sets[0][0]
+    return PaymentRecorded(order_id, _lsn(row_sets), payment_id, amount)
 
 
 async def ship(pool: Pool, order_id: int) -> Result:
     """paid -> shipped; an unpaid order is never shipped."""
     order_id = v.positive_id("order_id", order_id)
-    async with _transaction(pool) as conn:
-        await _lock_order(conn, order_id, "ship")
-        row_sets = await _round_trip(
-            conn, _statements(_SET_STATUS["ship"], _COMMIT), {"order_id": order_id}
-        )
-        return Result(order_id, _lsn(row_sets))
+    row_sets = await _move(
+        pool, order_id, "ship", "EXECUTE shop_ship(%(order_id)s)", {"order_id": order_id}
+    )
+    return Result(order_id, _lsn(row_sets))
+
+
+async def refund(pool: Pool, order_id: int) -> PaymentRecorded:
+    """paid|shipped -> refunded, the total paid back the way it was paid (no restock)."""
+    order_id = v.positive_id("order_id", order_id)
+    row_sets = await _move(
+        pool,
+        order_id,
+        "refund",
+        "EXECUTE shop_refund(%(order_id)s, %(provider_ref)s)",
+        {"order_id": order_id, "provider_ref": uuid.uuid4()},
+    )
+    payment_id, amount = row_sets[0][0]
+    return PaymentRecorded(order_id, _lsn(row_sets), payment_id, amount)
 
 
 async def cancel(pool: Pool, order_id: int) -> PaymentRecorded:
@@ -520,7 +554,7 @@ async def cancel(pool: Pool, order_id: int) -> PaymentRecorded:
         )
         order = _check_transition(order_id, "cancel", order_rows)
         refunds = order.status == "paid"
-        statements = [_LOCK_PRODUCTS, _ADD_STOCK, _SET_STATUS["cancel"]]
+        statements = [_LOCK_PRODUCTS, _ADD_STOCK, "EXECUTE shop_cancel(%(order_id)s)"]
         if refunds:
             statements.append(_INSERT_PAYMENT)
         row_sets = await _round_trip(
@@ -539,22 +573,3 @@ async def cancel(pool: Pool, order_id: int) -> PaymentRecorded:
         if refunds:
             return PaymentRecorded(order_id, _lsn(row_sets), row_sets[1][0][0], order.total)
         return PaymentRecorded(order_id, _lsn(row_sets), None, Decimal("0.00"))
-
-
-async def refund(pool: Pool, order_id: int) -> PaymentRecorded:
-    """paid|shipped -> refunded, the total paid back the way it was paid (no restock)."""
-    order_id = v.positive_id("order_id", order_id)
-    async with _transaction(pool) as conn:
-        order = await _lock_order(conn, order_id, "refund")
-        row_sets = await _round_trip(
-            conn,
-            _statements(_SET_STATUS["refund"], _INSERT_PAYMENT, _COMMIT),
-            {
-                "order_id": order_id,
-                "kind": "refund",
-                "amount": order.total,
-                "method": order.paid_with or "card",
-                "provider_ref": uuid.uuid4(),
-            },
-        )
-        return PaymentRecorded(order_id, _lsn(row_sets), row_sets[0][0][0], order.total)

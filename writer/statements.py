@@ -25,6 +25,22 @@ FROM unnest($1::bigint[], $2::int[]) AS line (product_id, quantity)
 WHERE products.id = line.product_id
 """
 
+
+def _in(statuses: frozenset[str]) -> str:
+    return ", ".join(f"'{status}'" for status in sorted(statuses))
+
+
+def _move(action: str) -> str:
+    """UPDATE the order to the action's status, only from a status the lifecycle allows."""
+    t = TRANSITIONS[action]
+    return f"""UPDATE orders SET status = '{t.to}', {t.timestamp_column} = now(), updated_at = now()
+            WHERE id = $1 AND status IN ({_in(t.allowed_from)})"""
+
+
+# Where refunds go back to: the method of the order's capture.
+_PAID_WITH = """coalesce((SELECT p.method FROM payments p
+    WHERE p.order_id = moved.id AND p.kind = 'capture' ORDER BY p.id LIMIT 1), 'card')"""
+
 PREPARED: dict[str, str] = {
     "shop_register_customer": """(text, text, text, jsonb, text) AS
         INSERT INTO customers (email, full_name, phone, profile, bio)
@@ -62,15 +78,23 @@ PREPARED: dict[str, str] = {
         FROM orders o WHERE o.id = $1 FOR UPDATE OF o""",
     "shop_order_lines": """(bigint) AS
         SELECT product_id, quantity FROM order_items WHERE order_id = $1 ORDER BY product_id""",
+    # pay, ship and refund change the status only if the lifecycle allows it, and
+    # return nothing otherwise: the command then reads the status to say why.
+    "shop_pay": f"""(bigint, text, uuid) AS
+        WITH moved AS ({_move("pay")} RETURNING id, total)
+        INSERT INTO payments (order_id, kind, amount, method, provider_ref)
+        SELECT id, 'capture', total, $2, $3 FROM moved RETURNING id, amount""",
+    "shop_ship": f"""(bigint) AS {_move("ship")} RETURNING id""",
+    "shop_refund": f"""(bigint, uuid) AS
+        WITH moved AS ({_move("refund")} RETURNING id, total)
+        INSERT INTO payments (order_id, kind, amount, method, provider_ref)
+        SELECT id, 'refund', total, {_PAID_WITH}, $2 FROM moved RETURNING id, amount""",
+    "shop_order_status": """(bigint) AS SELECT status FROM orders WHERE id = $1""",
     "shop_insert_payment": """(bigint, payment_kind, numeric, text, uuid) AS
         INSERT INTO payments (order_id, kind, amount, method, provider_ref)
         VALUES ($1, $2, $3, $4, $5) RETURNING id""",
-    **{
-        f"shop_set_{action}": f"""(bigint) AS
-            UPDATE orders SET status = '{t.to}', {t.timestamp_column} = now(), updated_at = now()
-            WHERE id = $1"""
-        for action, t in TRANSITIONS.items()
-    },
+    # cancel locks the order and its products first (see commands.cancel).
+    "shop_cancel": f"""(bigint) AS {_move("cancel")}""",
 }
 
 _PREPARE_ALL = "; ".join(f"PREPARE {name} {body}" for name, body in PREPARED.items())

@@ -380,3 +380,13 @@ async def test_restocking_past_the_largest_stock_is_refused(pool, db, make_produ
     with pytest.raises(InvalidInput):
         await c.restock(pool, product, 100)
     assert await db.state() == before
+
+
+async def test_concurrent_payments_of_one_order_capture_it_once(
+    pool, db, customer, make_product, address
+):
+    order = await placed(pool, customer, await make_product(), address)
+    results = await asyncio.gather(*(c.pay(pool, order) for _ in range(6)), return_exceptions=True)
+    assert sum(not isinstance(r, BaseException) for r in results) == 1
+    assert all(isinstance(r, InvalidOrderState) for r in results if isinstance(r, BaseException))
+    assert await db.value("SELECT count(*) FROM payments WHERE order_id = %s", order) == 1
