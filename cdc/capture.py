@@ -221,6 +221,10 @@ class Capture:
                                 progress.changes += 1
                                 for event in mapper.add(item):  # type: ignore[arg-type]
                                     self._publish(event, tx)
+                                if progress.changes & 1023 == 0 and publisher.in_flight() > s.max_in_flight:
+                                    # a replayed streamed transaction is one long loop: keep
+                                    # memory bounded inside it too
+                                    await self._drain(publisher, s.max_in_flight // 2, repl, ckpt)
                             elif item.__class__ is TransactionStart:
                                 tx = ckpt.begin()
                                 mapper.begin(item.commit_lsn, item.commit_ts_ms, item.xid)  # type: ignore[union-attr]

@@ -66,10 +66,13 @@ class Settings:
     partitions: int = 6
     snapshot_mode: str = "initial"
     snapshot_chunk: int = 10_000
-    max_in_flight: int = 200_000
+    max_in_flight: int = 50_000
     status_interval_s: float = 1.0
     watermark_interval_s: float = 0.5
     metrics_port: int = 9187
+    # the walsender's logical_decoding_work_mem: transactions bigger than this are
+    # streamed to us while in progress (and spooled to disk until they commit)
+    decoding_work_mem: str | None = None
     spool_dir: Path = field(default_factory=lambda: ROOT / ".local" / "cdc" / "spool")
 
     @classmethod
@@ -92,6 +95,7 @@ class Settings:
             "snapshot_chunk": _env_int("CDC_SNAPSHOT_CHUNK", d.snapshot_chunk),
             "max_in_flight": _env_int("CDC_MAX_IN_FLIGHT", d.max_in_flight, minimum=100),
             "metrics_port": _env_int("CDC_METRICS_PORT", d.metrics_port, minimum=0),
+            "decoding_work_mem": env.get("CDC_DECODING_WORK_MEM") or None,
         }
         if env.get("CDC_SPOOL_DIR"):
             values["spool_dir"] = Path(env["CDC_SPOOL_DIR"])
@@ -117,6 +121,8 @@ class Settings:
             )
         if not re.match(r"^[A-Za-z0-9._-]+$", self.topic_prefix):
             raise ConfigError(f"topic prefix {self.topic_prefix!r} may only hold letters, digits, '.', '_' and '-'")
+        if self.decoding_work_mem is not None and not re.match(r"^[0-9]+(kB|MB|GB)$", self.decoding_work_mem):
+            raise ConfigError(f"CDC_DECODING_WORK_MEM={self.decoding_work_mem!r} must look like 64kB, 64MB or 1GB")
         try:
             conninfo_to_dict(self.pg_dsn)
         except Exception:
@@ -124,11 +130,11 @@ class Settings:
 
     def replication_dsn(self) -> str:
         """The DSN for the walsender: text output in UTC/ISO forms that cdc/values.py parses."""
+        options = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601 -c extra_float_digits=3"
+        if self.decoding_work_mem:
+            options += f" -c logical_decoding_work_mem={self.decoding_work_mem}"
         return make_conninfo(
-            self.pg_dsn,
-            replication="database",
-            application_name=f"readside-cdc-{self.slot}",
-            options="-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601 -c extra_float_digits=3",
+            self.pg_dsn, replication="database", application_name=f"readside-cdc-{self.slot}", options=options
         )
 
     def query_dsn(self) -> str:

@@ -8,6 +8,7 @@ report acknowledges one message of a transaction tracked by cdc/checkpointer.py.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -20,6 +21,27 @@ __all__ = ["KafkaUnavailable", "PublishError", "Publisher"]
 
 # event topics are never compacted and keep everything: rebuilds replay them
 TOPIC_CONFIG = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+
+
+class _Quieter(logging.Filter):
+    """librdkafka repeats a connection failure every few hundred ms: say it once a minute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        key = text.split(": ", 1)[-1][:120]
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < 60:
+            return False
+        self._last[key] = now
+        return True
+
+
+_KAFKA_LOG = logging.getLogger("cdc.kafka")
+_KAFKA_LOG.addFilter(_Quieter())
 
 
 class PublishError(Exception):
@@ -46,14 +68,15 @@ class Publisher:
                 "linger.ms": 5,
                 "batch.size": 1_000_000,
                 "compression.type": "lz4",
-                "queue.buffering.max.messages": 1_000_000,
-                "queue.buffering.max.kbytes": 1_048_576,
+                "queue.buffering.max.messages": 200_000,
+                "queue.buffering.max.kbytes": 262_144,
                 "message.max.bytes": 10_000_000,
                 "partitioner": "murmur2_random",
                 "error_cb": self._on_error,
+                "logger": _KAFKA_LOG,
             }
         )
-        self._admin = AdminClient({"bootstrap.servers": bootstrap})
+        self._admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _KAFKA_LOG})
         self.topics: dict[str, int] = {}
         self.error: str | None = None
         self.broker_down_since: float | None = None
@@ -97,11 +120,19 @@ class Publisher:
                 except KafkaException as exc:
                     if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                         raise PublishError(f"cannot create topic {name}: {exc.args[0].str()}") from None
+        # a new topic takes a moment to show up in metadata with its partitions
+        deadline = time.monotonic() + 30
+        while True:
+            topics = {n: meta.topics.get(n) for n in wanted}
+            if all(t is not None and t.error is None and t.partitions for t in topics.values()):
+                break
+            if time.monotonic() > deadline:
+                bad = {n: (t.error if t is not None else "missing") for n, t in topics.items()}
+                raise KafkaUnavailable(f"topics not available after 30 s: {bad}")
+            time.sleep(0.1)
             meta = self._admin.list_topics(timeout=10)
-        for n in wanted:
-            topic = meta.topics.get(n)
-            if topic is None or topic.error is not None:
-                raise PublishError(f"topic {n} is not available: {topic.error if topic else 'missing'}")
+        for n, topic in topics.items():
+            assert topic is not None
             self.topics[n] = len(topic.partitions)
 
     def publish(self, topic: str, key: bytes, value: bytes, on_delivery: Callable[[KafkaError | None, Message], None]) -> None:

@@ -2,9 +2,13 @@
 # The local stack as plain processes (no Docker engine here): Postgres,
 # Kafka (KRaft, single node) and Redis, with their state under .local/.
 #
-#   stack/stack.sh up       install what is missing, start, wait for health
-#   stack/stack.sh down     stop exactly the processes that `up` started
-#   stack/stack.sh status   one line per service
+#   stack/stack.sh up [SERVICE...]      install what is missing, start, wait for health
+#   stack/stack.sh down [SERVICE...]    stop exactly the processes that `up` started
+#   stack/stack.sh status               one line per service
+#
+# SERVICE is postgres, redis or kafka (default: all). Ports and the Kafka
+# directory can be overridden (PG_PORT, REDIS_PORT, KAFKA_PORT,
+# KAFKA_CONTROLLER_PORT, KAFKA_DIR): tests use that for a second, disposable broker.
 #
 # Idempotent: `up` on a running stack does nothing; stale pid files are
 # cleaned; a port held by someone else is named, never silently shared.
@@ -19,7 +23,8 @@ REDIS_PORT=${REDIS_PORT:-56379}
 KAFKA_VERSION=3.9.1
 
 PG_DIR="$LOCAL/postgres"
-KAFKA_DIR="$LOCAL/kafka"
+KAFKA_DIR=${KAFKA_DIR:-"$LOCAL/kafka"}
+KAFKA_LIBS="$LOCAL/kafka/libs"
 REDIS_DIR="$LOCAL/redis"
 
 say() { printf '%s\n' "stack: $*"; }
@@ -243,20 +248,20 @@ redis_status() {
 
 # --- Kafka -------------------------------------------------------------------
 
-kafka_jars_ready() { [ -f "$KAFKA_DIR/libs/.complete-$KAFKA_VERSION" ]; }
+kafka_jars_ready() { [ -f "$KAFKA_LIBS/.complete-$KAFKA_VERSION" ]; }
 
 ensure_kafka_installed() {
     command -v java >/dev/null || apt_install openjdk-17-jre-headless
     if kafka_jars_ready; then return 0; fi
     command -v mvn >/dev/null || apt_install maven
     say "fetching Kafka $KAFKA_VERSION broker jars from Maven Central"
-    rm -rf "$KAFKA_DIR/libs"
+    rm -rf "$KAFKA_LIBS"
     mkdir -p "$KAFKA_DIR"
     mvn -q -B -f "$ROOT/stack/kafka/pom.xml" dependency:copy-dependencies \
-        -DoutputDirectory="$KAFKA_DIR/libs" -DincludeScope=runtime >"$KAFKA_DIR/mvn.log" 2>&1 \
+        -DoutputDirectory="$KAFKA_LIBS" -DincludeScope=runtime >"$KAFKA_DIR/mvn.log" 2>&1 \
         || die "could not fetch Kafka jars with Maven; see $KAFKA_DIR/mvn.log"
-    ls "$KAFKA_DIR/libs"/kafka_2.13-*.jar >/dev/null 2>&1 || die "Maven ran but no kafka_2.13 jar arrived; see $KAFKA_DIR/mvn.log"
-    touch "$KAFKA_DIR/libs/.complete-$KAFKA_VERSION"
+    ls "$KAFKA_LIBS"/kafka_2.13-*.jar >/dev/null 2>&1 || die "Maven ran but no kafka_2.13 jar arrived; see $KAFKA_DIR/mvn.log"
+    touch "$KAFKA_LIBS/.complete-$KAFKA_VERSION"
 }
 
 kafka_running() { pid_alive "$(read_pid "$KAFKA_DIR/kafka.pid")"; }
@@ -267,7 +272,7 @@ kafka_healthy() {
 
 KAFKA_JAVA=(java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true
     "-Dlog4j.configuration=file:$ROOT/stack/kafka/log4j.properties"
-    "-Dkafka.logs.dir=$KAFKA_DIR/logs" -cp "$KAFKA_DIR/libs/*")
+    "-Dkafka.logs.dir=$KAFKA_DIR/logs" -cp "$KAFKA_LIBS/*")
 
 kafka_up() {
     ensure_kafka_installed
@@ -351,17 +356,26 @@ kafka_status() {
 
 command -v ss >/dev/null || apt_install iproute2
 
-case "${1:-}" in
+cmd=${1:-}
+shift || true
+services=("$@")
+[ ${#services[@]} -gt 0 ] || services=(postgres redis kafka)
+for svc in "${services[@]}"; do
+    case "$svc" in postgres | redis | kafka) ;; *) die "unknown service '$svc' (postgres, redis, kafka)" ;; esac
+done
+wants() { local s; for s in "${services[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+
+case "$cmd" in
 up)
     mkdir -p "$LOCAL"
-    pg_up
-    redis_up
-    kafka_up
+    if wants postgres; then pg_up; fi
+    if wants redis; then redis_up; fi
+    if wants kafka; then kafka_up; fi
     ;;
 down)
-    kafka_down
-    redis_down
-    pg_down
+    if wants kafka; then kafka_down; fi
+    if wants redis; then redis_down; fi
+    if wants postgres; then pg_down; fi
     ;;
 status)
     pg_status

@@ -129,11 +129,11 @@ class CdcProcess:
 class EventLog:
     """Reads every record of a prefix's topics from the beginning."""
 
-    def __init__(self, prefix: str, aggregates: tuple[str, ...] = ("order", "customer", "product")) -> None:
+    def __init__(self, prefix: str, aggregates: tuple[str, ...] = ("order", "customer", "product"), bootstrap: str = KAFKA) -> None:
         self.topics = [f"{prefix}.{a}.events" for a in aggregates]
         self.consumer = Consumer(
             {
-                "bootstrap.servers": KAFKA,
+                "bootstrap.servers": bootstrap,
                 "group.id": f"test-{uuid.uuid4().hex}",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",

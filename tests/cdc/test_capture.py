@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -305,3 +306,101 @@ def test_lost_walsender_connection_reconnects_without_loss(cdc: CdcProcess, conn
     assert "reconnecting" in cdc.log()
     assert_topics_rebuild_postgres(log, shop_dsn)
     log.close()
+
+
+def test_half_million_row_transaction_streams_through_in_bounded_memory(cdc: CdcProcess, conn: psycopg.Connection, shop_dsn: str) -> None:
+    conn.execute("create table if not exists bulk_rows (id bigint primary key, payload text not null)")
+    try:
+        # a small decoding budget makes the server stream the transaction while it
+        # runs (protocol v2): it is spooled to disk and published only at commit
+        cdc.extra_env.update(CDC_TABLES="bulk_rows", CDC_DECODING_WORK_MEM="1MB")
+        cdc.start()
+        ready = EventLog(cdc.prefix, aggregates=("bulk_rows",))
+        conn.execute("insert into bulk_rows values (0, 'warm-up')")  # creates the topic
+        ready.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+        ready.close()
+        conn.execute(
+            "insert into bulk_rows select g, 'row ' || g || ' ' || repeat('p', 60) from generate_series(1, 500000) g"
+        )
+        end = current_lsn(shop_dsn)
+        deadline = time.monotonic() + 240
+        while True:
+            row = conn.execute("select confirmed_flush_lsn::text from pg_replication_slots where slot_name = %s", (cdc.name,)).fetchone()
+            assert row is not None
+            from cdc.lsn import parse_lsn
+
+            if parse_lsn(row[0]) >= end:
+                break
+            assert cdc.alive(), cdc.log()[-3000:]
+            assert time.monotonic() < deadline, "the 500k-row transaction was not confirmed within 240 s"
+            time.sleep(0.5)
+        peak = cdc.peak_rss_mb()
+        assert peak < 300, f"capture peaked at {peak:.0f} MB of RSS"
+        from confluent_kafka import Consumer, TopicPartition
+
+        from tests.cdc.capture_harness import KAFKA
+
+        counter = Consumer({"bootstrap.servers": KAFKA, "group.id": "count"})
+        topic = f"{cdc.prefix}.bulk_rows.events"
+        meta = counter.list_topics(topic, timeout=10).topics[topic]
+        total = 0
+        for p in meta.partitions:
+            lo, hi = counter.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            total += hi - lo
+        counter.close()
+        # 500,001 row events, plus watermark records on each partition
+        assert total >= 500_001
+        log = EventLog(cdc.prefix, aggregates=("bulk_rows",))
+        log.poll(2)
+        while len(log.events) < 500_001:
+            before = len(log.events)
+            log.poll(3)
+            assert len(log.events) > before, f"only {len(log.events)} events could be read"
+        ids = {e["changes"][0]["after"]["id"] for e in log.events if e["changes"][0]["op"] in "cr"}
+        assert ids == set(range(500_001))
+        log.close()
+    finally:
+        cdc.stop()
+        conn.execute("drop table if exists bulk_rows")
+
+
+def test_kafka_down_pauses_capture_and_resumes_without_loss(cdc: CdcProcess, shop_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    import subprocess
+
+    from tests.cdc.capture_harness import ROOT
+
+    kafka_dir = ROOT / ".local" / f"kafka-{cdc.name}"
+    env = dict(os.environ, KAFKA_DIR=str(kafka_dir), KAFKA_PORT="59192", KAFKA_CONTROLLER_PORT="59193")
+
+    def broker(action: str) -> None:
+        subprocess.run([str(ROOT / "stack" / "stack.sh"), action, "kafka"], env=env, check=True, capture_output=True)
+
+    broker("up")
+    try:
+        cdc.extra_env["KAFKA_BOOTSTRAP"] = "127.0.0.1:59192"
+        cdc.start()
+        log = EventLog(cdc.prefix, bootstrap="127.0.0.1:59192")
+        log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+        log.close()
+        broker("down")
+        with Churn(shop_dsn, 4) as writes:
+            time.sleep(5)
+        assert writes.count[0] > 10
+        down_until = current_lsn(shop_dsn)
+        with psycopg.connect(shop_dsn, autocommit=True) as c:
+            row = c.execute("select confirmed_flush_lsn::text from pg_replication_slots where slot_name = %s", (cdc.name,)).fetchone()
+        from cdc.lsn import parse_lsn
+
+        assert row is not None and parse_lsn(row[0]) < down_until, "nothing may be confirmed while Kafka is down"
+        assert cdc.alive(), "Kafka being down must not crash the capture"
+        broker("up")
+        log = EventLog(cdc.prefix, bootstrap="127.0.0.1:59192")
+        log.wait_for_watermark(current_lsn(shop_dsn), timeout=120, proc=cdc)
+        assert_topics_rebuild_postgres(log, shop_dsn)
+        log.close()
+    finally:
+        cdc.stop()
+        broker("down")
+        import shutil
+
+        shutil.rmtree(kafka_dir, ignore_errors=True)
