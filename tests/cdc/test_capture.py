@@ -404,3 +404,33 @@ def test_kafka_down_pauses_capture_and_resumes_without_loss(cdc: CdcProcess, sho
         import shutil
 
         shutil.rmtree(kafka_dir, ignore_errors=True)
+
+
+def test_slot_invalidated_by_wal_limit_is_a_clear_error(cdc: CdcProcess, conn: psycopg.Connection, shop_dsn: str) -> None:
+    cdc.start()
+    log = EventLog(cdc.prefix)
+    log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    log.close()
+    cdc.stop()
+    conn.execute("create table if not exists wal_filler (id bigserial primary key, payload text)")
+    try:
+        # the slot falls behind max_slot_wal_keep_size while nobody reads it
+        conn.execute("alter system set max_slot_wal_keep_size = '1MB'")
+        conn.execute("select pg_reload_conf()")
+        for _ in range(4):
+            conn.execute("insert into wal_filler (payload) select repeat(md5(g::text), 40) from generate_series(1, 20000) g")
+            conn.execute("select pg_switch_wal()")
+            conn.execute("checkpoint")
+        row = conn.execute("select wal_status from pg_replication_slots where slot_name = %s", (cdc.name,)).fetchone()
+        assert row == ("lost",), f"slot should be invalidated, is {row}"
+    finally:
+        conn.execute("alter system reset max_slot_wal_keep_size")
+        conn.execute("select pg_reload_conf()")
+        conn.execute("drop table if exists wal_filler")
+    result = cdc.run_to_end("run", timeout=60)
+    assert result.returncode == 1
+    assert "was invalidated" in result.stderr and "python -m cdc reset --yes" in result.stderr
+    assert "Traceback" not in result.stderr
+    status = cdc.run_to_end("status", "--json")
+    assert status.returncode == 1 and '"wal_status": "lost"' in status.stdout
+    assert cdc.run_to_end("reset", "--yes").returncode == 0
