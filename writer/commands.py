@@ -197,6 +197,12 @@ async def _round_trip(conn: Conn, query: Query, params: Mapping[str, Any]) -> li
             return row_sets
 
 
+def _array(values: list[int] | list[Decimal]) -> str:
+    """A Postgres array literal of numbers, bound as text: psycopg's generic list
+    adaptation costs more client CPU than the whole rest of an order's parameters."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
 def _lsn(row_sets: list[Rows]) -> str:
     """The token: the last statement of every writing round trip reads it."""
     return str(row_sets[-1][0][0])
@@ -395,7 +401,7 @@ async def place_order(
         customer, products = await _round_trip(
             conn,
             "BEGIN; EXECUTE shop_customer_exists(%(customer_id)s); " + _LOCK_PRODUCTS,
-            {"customer_id": customer_id, "product_ids": sorted(p for p, _ in lines)},
+            {"customer_id": customer_id, "product_ids": _array(sorted(p for p, _ in lines))},
         )
         if not customer:
             raise CustomerNotFound(customer_id)
@@ -428,12 +434,12 @@ async def place_order(
                 "shipping_fee": totals.shipping_fee,
                 "total": totals.total,
                 "address": address_json,
-                "line_nos": list(range(1, len(lines) + 1)),
-                "product_ids": [product_id for product_id, _ in lines],
-                "quantities": [quantity for _, quantity in lines],
-                "unit_prices": unit_prices,
-                "line_totals": line_totals,
-                "stock_changes": [-quantity for _, quantity in lines],
+                "line_nos": _array(list(range(1, len(lines) + 1))),
+                "product_ids": _array([product_id for product_id, _ in lines]),
+                "quantities": _array([quantity for _, quantity in lines]),
+                "unit_prices": _array(unit_prices),
+                "line_totals": _array(line_totals),
+                "stock_changes": _array([-quantity for _, quantity in lines]),
             },
         )
         return OrderPlaced(
@@ -562,8 +568,8 @@ async def cancel(pool: Pool, order_id: int) -> PaymentRecorded:
             _statements(*statements, _COMMIT),
             {
                 "order_id": order_id,
-                "product_ids": [product_id for product_id, _ in lines],
-                "stock_changes": [quantity for _, quantity in lines],
+                "product_ids": _array([product_id for product_id, _ in lines]),
+                "stock_changes": _array([quantity for _, quantity in lines]),
                 "kind": "refund",
                 "amount": order.total,
                 "method": order.paid_with or "card",
