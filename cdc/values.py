@@ -245,7 +245,8 @@ def _json(s: str | bytes) -> Any:
 
 # --------------------------------------------------------------- arrays
 
-_ARRAY_TOKEN: Final = re.compile(r'"((?:[^"\\]|\\.)*)"|([^,{}"\s]+)|([{}])|(,)|(\s+)', re.S)
+# Whitespace as array_in/array_out see it (array_isspace), not Python's wider \s.
+_ARRAY_TOKEN: Final = re.compile(r'"((?:[^"\\]|\\.)*)"|([^,{}" \t\n\r\v\f]+)|([{}])|(,)|([ \t\n\r\v\f]+)', re.S)
 _UNESCAPE: Final = re.compile(r"\\(.)", re.S)
 
 
@@ -286,8 +287,9 @@ def parse_array(s: str, element: TextConverter) -> list[Any]:
             current = new
             expect_item = True
         elif brace == "}":
-            if current is None:
-                raise ValueError(f"unbalanced '}}' in array literal {s[:40]!r}")
+            if current is None or (expect_item and current):
+                # unbalanced, or a dangling comma as in {1,}
+                raise ValueError(f"unbalanced '}}' or dangling ',' in array literal {s[:40]!r}")
             done = current
             current = stack.pop() if stack else None
             if current is None:
@@ -307,7 +309,7 @@ def parse_array(s: str, element: TextConverter) -> list[Any]:
             elif bare.upper() == "NULL":
                 current.append(None)
             else:
-                current.append(element(bare))
+                current.append(element(_UNESCAPE.sub(r"\1", bare) if "\\" in bare else bare))
             expect_item = False
     if result is None or pos != len(s):
         raise ValueError(f"unterminated array literal {s[:40]!r}")
