@@ -142,7 +142,7 @@ def load(
     if json_output:
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        print_summary(result, Console())
+        print_summary(result, Console(soft_wrap=True))
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ class LiveView:
         self.config = config
         self.live = Live(console=console, auto_refresh=False, transient=False)
         self.last_elapsed = 0.0
+        self.shown: tuple[LatencyHistogram, int, float] | None = None
 
     def __enter__(self) -> LiveView:
         self.live.__enter__()
@@ -35,11 +36,16 @@ class LiveView:
         self.live.__exit__(None, None, None)
 
     def __call__(self, stats: Stats, elapsed: float) -> None:
-        window, failures = stats.window, stats.window_failures
-        span = max(elapsed - self.last_elapsed, 1e-6)
-        self.last_elapsed = elapsed
-        stats.window = LatencyHistogram()
-        stats.window_failures = 0
+        span = elapsed - self.last_elapsed
+        if span < 0.25 and self.shown is not None:
+            # a short last tick (the run just ended): its rate would be noise
+            window, failures, span = self.shown
+        else:
+            window, failures = stats.window, stats.window_failures
+            self.shown = (window, failures, span)
+            self.last_elapsed = elapsed
+            stats.window = LatencyHistogram()
+            stats.window_failures = 0
         self.live.update(self._render(stats, window, failures, span, elapsed), refresh=True)
 
     def _render(

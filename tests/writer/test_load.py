@@ -77,3 +77,19 @@ def test_load_on_an_empty_shop_bootstraps_a_catalogue_and_prints_json(fresh_data
     assert result["commands"] + result["skipped"] == 60
     assert result["failures"] == {}
     assert "bootstrapped 100 customers and 50 products" in out.stderr
+
+
+async def test_the_live_view_shows_rate_latency_and_errors(dsn):
+    import io
+
+    from rich.console import Console
+
+    from writer.display import LiveView
+
+    screen = io.StringIO()
+    config = LoadConfig(rate=200, duration=1.2, concurrency=2, seed=6)
+    with LiveView(config, Console(file=screen, width=120)) as view:
+        await run_load(dsn, config, tick=view)
+    shown = screen.getvalue()
+    for label in ("commands/s", "p50 ms", "p99 ms", "failures", "refused", "place_order"):
+        assert label in shown
