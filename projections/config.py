@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ConfigError", "Settings", "mask_url"]
+__all__ = ["AGGREGATES", "ConfigError", "Settings", "mask_url"]
 
 ROOT = Path(__file__).resolve().parent.parent
+# The aggregates whose topics the projections consume (cdc/rules.py AGGREGATES).
+AGGREGATES = ("order", "customer", "product")
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 class ConfigError(ValueError):
@@ -19,6 +22,19 @@ class ConfigError(ValueError):
 def mask_url(url: str) -> str:
     """The URL with any password replaced, fit for logs and errors."""
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _int(env: os._Environ[str] | dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}={value} must be between {lo} and {hi}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,15 +47,31 @@ class Settings:
     api_token: str | None
     topic_prefix: str
     pg_dsn: str
+    # the worker (projections/app.py)
+    app_id: str = "readside-projections"
+    redis_namespace: str = "rs"
+    data_dir: Path = field(default_factory=lambda: ROOT / ".local" / "projections")
+    batch_max: int = 5000
+    batch_wait_ms: int = 100
+    clickhouse_batch_max: int = 20000
+    clickhouse_batch_wait_ms: int = 500
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return tuple(f"{self.topic_prefix}.{agg}.events" for agg in AGGREGATES)
+
+    @property
+    def embedded_clickhouse(self) -> bool:
+        return self.clickhouse_url.startswith("chdb:")
 
     @classmethod
-    def from_env(cls) -> Settings:
-        env = os.environ
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ) if env is None else env
         api = env.get("QUERY_API") or "127.0.0.1:6066"
         host, sep, port = api.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"QUERY_API={api!r} must be host:port, e.g. 127.0.0.1:6066")
-        return cls(
+        settings = cls(
             kafka_bootstrap=env.get("KAFKA_BOOTSTRAP") or "127.0.0.1:59092",
             redis_url=env.get("REDIS_URL") or "redis://127.0.0.1:56379/0",
             clickhouse_url=env.get("CLICKHOUSE_URL") or f"chdb://{ROOT / '.local' / 'clickhouse'}",
@@ -48,4 +80,23 @@ class Settings:
             api_token=env.get("API_TOKEN") or None,
             topic_prefix=env.get("TOPIC_PREFIX") or env.get("CDC_TOPIC_PREFIX") or "shop",
             pg_dsn=env.get("PG_DSN") or "postgresql://postgres@127.0.0.1:55432/shop",
+            app_id=env.get("PROJECTIONS_APP_ID") or "readside-projections",
+            redis_namespace=env.get("REDIS_NAMESPACE") or "rs",
+            data_dir=Path(env["PROJECTIONS_DATA_DIR"])
+            if env.get("PROJECTIONS_DATA_DIR")
+            else ROOT / ".local" / "projections",
+            batch_max=_int(env, "PROJECTIONS_BATCH_MAX", 5000, 1, 100_000),
+            batch_wait_ms=_int(env, "PROJECTIONS_BATCH_WAIT_MS", 100, 1, 60_000),
+            clickhouse_batch_max=_int(env, "PROJECTIONS_CH_BATCH_MAX", 20000, 1, 1_000_000),
+            clickhouse_batch_wait_ms=_int(env, "PROJECTIONS_CH_BATCH_WAIT_MS", 500, 1, 60_000),
         )
+        for name, value in (
+            ("TOPIC_PREFIX", settings.topic_prefix),
+            ("PROJECTIONS_APP_ID", settings.app_id),
+            ("REDIS_NAMESPACE", settings.redis_namespace),
+        ):
+            if not _NAME.match(value):
+                raise ConfigError(
+                    f"{name}={value!r} may only hold letters, digits, '.', '_' and '-'"
+                )
+        return settings
