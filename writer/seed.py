@@ -4,24 +4,32 @@ Orders come with their items, totals computed by ``writer.pricing`` exactly as
 ``place_order`` computes them, a status with the timestamps that status
 implies, and the payments it implies (a capture once paid; a refund when
 refunded or cancelled after payment). Everything is generated from
-``random.Random(seed)`` and appended after the rows already there; the
-identity sequences are moved past the new ids afterwards.
+``random.Random(seed)`` and appended after the rows already there.
 
-Work is committed in batches (``BATCH`` orders or rows per transaction) so
-that logical decoding downstream sees transactions of a sane size. While a
-batch loads, the tables are locked against concurrent writers (reads go on).
-Referential checks are switched off for the batch when the role may do so
-(``session_replication_role = replica``, superuser only): every reference
-is drawn from ids read from the database, so they hold by construction, and
-the per-row foreign-key triggers would otherwise dominate the load time.
+Ids are reserved up front: each identity sequence is moved past the range
+this seed will fill, so writers running meanwhile take ids after it, and the
+rows can be generated without asking the database. A generator thread
+formats batches of COPY lines while the main thread loads the previous one,
+so formatting (client CPU) and loading (server CPU) overlap. Each batch
+(``BATCH`` rows or orders) is one transaction, so that logical decoding
+downstream sees transactions of a sane size. At the end each sequence is set
+just past the largest id in its table.
+
+Referential checks are switched off for our batches when the role may do so
+(``session_replication_role = replica``, superuser only): every reference is
+drawn from ids that exist or that an earlier batch loaded, so they hold by
+construction (the tests check them), and per-row foreign-key triggers would
+otherwise dominate the load time.
 """
 
 from __future__ import annotations
 
+import queue
 import random
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -69,10 +77,6 @@ class SeedReport:
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 
-def _ts(moment: datetime) -> str:
-    return moment.isoformat()
-
-
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -80,49 +84,65 @@ def _json(value: Any) -> str:
 _NULL = "\\N"  # COPY text format's NULL
 
 
-class _Batch:
-    """One transaction: tables locked, FK triggers off if allowed, sequences reset at the end."""
+Lines = list[str]
+_Lines = list[tuple[str, Lines]]  # (COPY statement, its lines) per table
 
-    def __init__(self, conn: Conn, superuser: bool) -> None:
-        self.conn = conn
-        self.superuser = superuser
+_COPY = {
+    "customers": "COPY customers"
+    " (id, email, full_name, phone, profile, bio, created_at, updated_at) FROM STDIN",
+    "products": "COPY products (id, sku, name, category, price, stock, attributes,"
+    " description, active, created_at, updated_at) FROM STDIN",
+    "orders": "COPY orders (id, customer_id, status, currency, subtotal, tax, shipping_fee,"
+    " total, shipping_address, placed_at, paid_at, shipped_at, cancelled_at, refunded_at,"
+    " updated_at) FROM STDIN",
+    "order_items": "COPY order_items"
+    " (order_id, line_no, product_id, quantity, unit_price, line_total) FROM STDIN",
+    "payments": "COPY payments"
+    " (id, order_id, kind, amount, method, provider_ref, created_at) FROM STDIN",
+}
 
-    def __enter__(self) -> Conn:
-        self.conn.execute("BEGIN")
-        self.conn.execute(f"LOCK TABLE {', '.join(TABLES)} IN SHARE ROW EXCLUSIVE MODE")
-        if self.superuser:
-            self.conn.execute("SET LOCAL session_replication_role = replica")
-        return self.conn
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is not None:
-            self.conn.execute("ROLLBACK")
-            return
-        for table in ("customers", "products", "orders", "payments"):
-            self.conn.execute(
-                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
-                f" (SELECT coalesce(max(id), 0) + 1 FROM {table}), false)"
-            )
-        self.conn.execute("COMMIT")
-
-
-def _next_id(conn: Conn, table: str) -> int:
-    row = conn.execute(f"SELECT coalesce(max(id), 0) + 1 FROM {table}").fetchone()
-    assert row is not None
-    return int(row[0])
+_PROFILES = [
+    _json({"language": language, "newsletter": newsletter, "tier": tier})
+    for language in ("en", "de", "fr", "nl")
+    for newsletter in (True, False, False)
+    for tier in ("standard", "standard", "standard", "silver", "gold")
+]
 
 
-def _customers(
-    conn: Conn, rng: random.Random, count: int, now: datetime, report: SeedReport
-) -> None:
-    """Customers as COPY text lines (no value needs escaping: see ``_orders``)."""
-    first_id = _next_id(conn, "customers")
+@dataclass(slots=True)
+class _Catalogue:
+    """What orders may refer to: existing rows plus the ones this seed adds."""
+
+    customer_ids: list[int]
+    product_ids: list[int]
+    unit_prices: dict[str, list[Decimal]]  # currency -> price of product_ids[i]
+
+    def add_product(self, product_id: int, price: Decimal) -> None:
+        self.product_ids.append(product_id)
+        for currency, prices in self.unit_prices.items():
+            prices.append(convert(price, currency))
+
+
+@dataclass(slots=True)
+class _Generator:
+    """State of the generator thread: the random stream and the next free ids."""
+
+    rng: random.Random
+    now: datetime
+    next_id: dict[str, int]
+    catalogue: _Catalogue
+
+
+def _customers(g: _Generator, count: int) -> _Lines:
+    """No value needs COPY escaping: see ``_orders``."""
+    rng = g.rng
     random_ = rng.random
-    lines: list[str] = []
+    first_id = g.next_id["customers"]
+    lines: Lines = []
     for customer_id in range(first_id, first_id + count):
         first = FIRST_NAMES[int(random_() * len(FIRST_NAMES))]
         last = LAST_NAMES[int(random_() * len(LAST_NAMES))]
-        created = now - timedelta(days=365 + random_() * 730)
+        created = g.now - timedelta(days=365 + random_() * 730)
         updated = created + timedelta(days=random_() * 300) if random_() < 0.3 else created
         bio = text(rng, 2500, 6000) if random_() < 0.02 else text(rng, 0, 200)
         profile = _PROFILES[int(random_() * len(_PROFILES))]
@@ -137,78 +157,43 @@ def _customers(
             f"{first.title()} {last.title()}\t{phone}\t{profile}\t{bio}\t"
             f"{created.isoformat()}\t{updated.isoformat()}\n"
         )
-    _copy_lines(
-        conn,
-        "COPY customers (id, email, full_name, phone, profile, bio, created_at, updated_at)"
-        " FROM STDIN",
-        lines,
-    )
-    report.rows["customers"] += count
+        g.catalogue.customer_ids.append(customer_id)
+    g.next_id["customers"] = first_id + count
+    return [(_COPY["customers"], lines)]
 
 
-_PROFILES = [
-    _json({"language": language, "newsletter": newsletter, "tier": tier})
-    for language in ("en", "de", "fr", "nl")
-    for newsletter in (True, False, False)
-    for tier in ("standard", "standard", "standard", "silver", "gold")
-]
+def _products(g: _Generator, count: int) -> _Lines:
+    rng = g.rng
+    random_ = rng.random
+    first_id = g.next_id["products"]
+    lines: Lines = []
+    for product_id in range(first_id, first_id + count):
+        created = (g.now - timedelta(days=365 + random_() * 730)).isoformat()
+        price = f"{rng.choice((4, 9, 14, 19, 24, 29, 39, 49, 79, 129, 249))}.{rng.choice((0, 50, 95, 99)):02d}"
+        active = random_() >= 0.02
+        attributes = _json(
+            {
+                "color": rng.choice(("red", "blue", "oak", "black")),
+                "weight_g": rng.randint(50, 9000),
+            }
+        )
+        description = text(rng, 2500, 5000) if random_() < 0.1 else text(rng, 50, 800)
+        lines.append(
+            f"{product_id}\tSEED-{product_id:08d}\t"
+            f"{rng.choice(WORDS).title()} {rng.choice(WORDS)} {rng.choice(WORDS)}\t"
+            f"{rng.choice(CATEGORIES)}\t{price}\t{rng.randint(100, 10_000)}\t{attributes}\t"
+            f"{description}\t{'t' if active else 'f'}\t{created}\t{created}\n"
+        )
+        if active:
+            g.catalogue.add_product(product_id, Decimal(price))
+    g.next_id["products"] = first_id + count
+    return [(_COPY["products"], lines)]
 
 
-def _copy_lines(conn: Conn, statement: str, lines: list[str]) -> None:
-    with conn.cursor().copy(statement) as copy:
-        for start in range(0, len(lines), 5000):
-            copy.write("".join(lines[start : start + 5000]))
-
-
-def _products(
-    conn: Conn, rng: random.Random, count: int, now: datetime, report: SeedReport
-) -> None:
-    first_id = _next_id(conn, "products")
-    with conn.cursor().copy(
-        "COPY products (id, sku, name, category, price, stock, attributes, description,"
-        " active, created_at, updated_at) FROM STDIN"
-    ) as copy:
-        for product_id in range(first_id, first_id + count):
-            created = now - timedelta(days=365 + rng.random() * 730)
-            euros = rng.choice((4, 9, 14, 19, 24, 29, 39, 49, 79, 129, 249))
-            copy.write_row(
-                (
-                    product_id,
-                    f"SEED-{product_id:08d}",
-                    f"{rng.choice(WORDS).title()} {rng.choice(WORDS)} {rng.choice(WORDS)}",
-                    rng.choice(CATEGORIES),
-                    f"{euros}.{rng.choice((0, 50, 95, 99)):02d}",
-                    rng.randint(100, 10_000),
-                    _json(
-                        {
-                            "color": rng.choice(("red", "blue", "oak", "black")),
-                            "weight_g": rng.randint(50, 9000),
-                        }
-                    ),
-                    text(rng, 2500, 5000) if rng.random() < 0.1 else text(rng, 50, 800),
-                    rng.random() >= 0.02,
-                    _ts(created),
-                    _ts(created),
-                )
-            )
-    report.rows["products"] += count
-
-
-@dataclass(frozen=True, slots=True)
-class _Catalogue:
-    customer_ids: list[int]
-    product_ids: list[int]
-    unit_prices: dict[str, list[Decimal]]  # currency -> price of product_ids[i]
-
-
-def _catalogue(conn: Conn) -> _Catalogue:
-    customers = [r[0] for r in conn.execute("SELECT id FROM customers ORDER BY id").fetchall()]
-    products = conn.execute("SELECT id, price FROM products WHERE active ORDER BY id").fetchall()
-    return _Catalogue(
-        customers,
-        [product_id for product_id, _ in products],
-        {cur: [convert(price, cur) for _, price in products] for cur in CURRENCIES},
-    )
+def _provider_ref(rng: random.Random, payment_id: int) -> uuid.UUID:
+    """Random-looking but unique: the payment id is in the low bits (a rerun of the
+    same seed must not repeat the references of the first run)."""
+    return uuid.UUID(int=(rng.getrandbits(64) << 64) | payment_id, version=4)
 
 
 class _Weighted:
@@ -227,23 +212,15 @@ _LINES = _Weighted({1: 4, 2: 3, 3: 2, 4: 1})
 _QUANTITY = _Weighted({1: 7, 2: 2, 3: 1})
 
 
-def _orders(
-    conn: Conn,
-    rng: random.Random,
-    count: int,
-    now: datetime,
-    catalogue: _Catalogue,
-    report: SeedReport,
-) -> None:
+def _orders(g: _Generator, count: int) -> _Lines:
     """Orders, items and payments as COPY text lines, formatted by hand for speed.
 
     No value needs COPY escaping: numbers, fixed words, ISO timestamps, and
     JSON made of the word lists in ``writer.plan``.
     """
-    if not catalogue.customer_ids or not catalogue.product_ids:
-        raise WriterError("seeding orders needs customers and active products; seed those first")
-    order_id = _next_id(conn, "orders")
-    payment_id = _next_id(conn, "payments")
+    rng, now, catalogue = g.rng, g.now, g.catalogue
+    order_id = g.next_id["orders"]
+    payment_id = g.next_id["payments"]
     n_customers = len(catalogue.customer_ids)
     n_products = len(catalogue.product_ids)
     product_ids = catalogue.product_ids
@@ -297,14 +274,14 @@ def _orders(
             method = methods[int(random_() * len(methods))]
             payments.append(
                 f"{payment_id}\t{order_id}\tcapture\t{totals.total}\t{method}\t"
-                f"{uuid.UUID(int=rng.getrandbits(128), version=4)}\t{paid.isoformat()}\n"
+                f"{_provider_ref(rng, payment_id)}\t{paid.isoformat()}\n"
             )
             payment_id += 1
             back = refunded or cancelled
             if back is not None:
                 payments.append(
                     f"{payment_id}\t{order_id}\trefund\t{totals.total}\t{method}\t"
-                    f"{uuid.UUID(int=rng.getrandbits(128), version=4)}\t{back.isoformat()}\n"
+                    f"{_provider_ref(rng, payment_id)}\t{back.isoformat()}\n"
                 )
                 payment_id += 1
         customer_id = catalogue.customer_ids[int(n_customers * random_() ** 2)]
@@ -318,28 +295,81 @@ def _orders(
         )
         order_id += 1
 
-    for statement, lines in (
-        (
-            "COPY orders (id, customer_id, status, currency, subtotal, tax, shipping_fee, total,"
-            " shipping_address, placed_at, paid_at, shipped_at, cancelled_at, refunded_at,"
-            " updated_at) FROM STDIN",
-            orders,
-        ),
-        (
-            "COPY order_items (order_id, line_no, product_id, quantity, unit_price, line_total)"
-            " FROM STDIN",
-            items,
-        ),
-        (
-            "COPY payments (id, order_id, kind, amount, method, provider_ref, created_at)"
-            " FROM STDIN",
-            payments,
-        ),
-    ):
-        _copy_lines(conn, statement, lines)
-    report.rows["orders"] += count
-    report.rows["order_items"] += len(items)
-    report.rows["payments"] += len(payments)
+    g.next_id["orders"] = order_id
+    g.next_id["payments"] = payment_id
+    return [(_COPY["orders"], orders), (_COPY["order_items"], items), (_COPY["payments"], payments)]
+
+
+def _batches(g: _Generator, customers: int, products: int, orders: int) -> Iterator[_Lines]:
+    for total, make in ((customers, _customers), (products, _products), (orders, _orders)):
+        if make is _orders and total and not (g.catalogue.customer_ids and g.catalogue.product_ids):
+            raise WriterError(
+                "seeding orders needs customers and active products; add some with"
+                " --customers and --products"
+            )
+        for start in range(0, total, BATCH):
+            yield make(g, min(BATCH, total - start))
+
+
+def _generate(
+    g: _Generator, counts: tuple[int, int, int], out: queue.Queue[Any], stop: threading.Event
+) -> None:
+    """The generator thread: batches into ``out``, then None (or the exception)."""
+
+    def put(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    try:
+        for batch in _batches(g, *counts):
+            put(batch)
+            if stop.is_set():
+                return
+        put(None)
+    except BaseException as exc:  # handed to the loading thread, which raises it
+        put(exc)
+
+
+def _reserve_ids(conn: Conn, customers: int, products: int, orders: int) -> dict[str, int]:
+    """The first id of each table's range; the sequences are moved past the ranges."""
+    sizes = {"customers": customers, "products": products, "orders": orders,
+             "payments": 2 * orders}  # fmt: skip
+    first: dict[str, int] = {}
+    with conn.transaction():
+        conn.execute(f"LOCK TABLE {', '.join(sizes)} IN SHARE ROW EXCLUSIVE MODE")
+        for table, size in sizes.items():
+            row = conn.execute(
+                f"SELECT greatest((SELECT coalesce(max(id), 0) FROM {table}), coalesce("
+                f"pg_sequence_last_value(pg_get_serial_sequence('{table}', 'id')::regclass), 0)"
+                f") + 1"
+            ).fetchone()
+            assert row is not None
+            first[table] = int(row[0])
+            conn.execute(
+                "SELECT setval(pg_get_serial_sequence(%s, 'id'), %s, false)",
+                (table, first[table] + size),
+            )
+    return first
+
+
+def _reset_sequences(conn: Conn) -> None:
+    """Each sequence just past its table's largest id (closes unused reserved ids)."""
+    with conn.transaction():
+        for table in ("customers", "products", "orders", "payments"):
+            conn.execute(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
+                f" (SELECT coalesce(max(id), 0) + 1 FROM {table}), false)"
+            )
+
+
+def _copy_lines(conn: Conn, statement: str, lines: Lines) -> None:
+    with conn.cursor().copy(statement) as copy:
+        for start in range(0, len(lines), 5000):
+            copy.write("".join(lines[start : start + 5000]))
 
 
 def seed(
@@ -355,7 +385,6 @@ def seed(
     for name, value in (("customers", customers), ("products", products), ("orders", orders)):
         if value < 0:
             raise WriterError(f"--{name} must be 0 or more, got {value}")
-    rng = random.Random(seed)
     report = SeedReport()
     started = time.perf_counter()
     try:
@@ -372,25 +401,49 @@ def seed(
                 f"tables {', '.join(r[0] for r in missing)} do not exist; run"
                 " `python -m writer migrate` (or `make migrate`) first"
             )
-        superuser = conn.execute("SELECT current_setting('is_superuser') = 'on'").fetchone()
-        batch = _Batch(conn, bool(superuser and superuser[0]))
-        now = datetime.now(UTC).replace(microsecond=0)
-
-        def step(size: int, load: Callable[[Conn, int], None], total: int) -> None:
-            done = 0
-            while done < total:
-                n = min(size, total - done)
-                with batch:
-                    load(conn, n)
-                done += n
+        row = conn.execute("SELECT current_setting('is_superuser') = 'on'").fetchone()
+        superuser = bool(row and row[0])
+        catalogue = _Catalogue([], [], {currency: [] for currency in CURRENCIES})
+        if orders:
+            catalogue.customer_ids.extend(
+                r[0] for r in conn.execute("SELECT id FROM customers ORDER BY id")
+            )
+            for product_id, price in conn.execute(
+                "SELECT id, price FROM products WHERE active ORDER BY id"
+            ):
+                catalogue.add_product(product_id, price)
+        generator = _Generator(
+            random.Random(seed),
+            datetime.now(UTC).replace(microsecond=0),
+            _reserve_ids(conn, customers, products, orders),
+            catalogue,
+        )
+        batches: queue.Queue[Any] = queue.Queue(maxsize=2)
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=_generate,
+            args=(generator, (customers, products, orders), batches, stop),
+            name="seed-generator",
+            daemon=True,
+        )
+        thread.start()
+        try:
+            while (batch := batches.get()) is not None:
+                if isinstance(batch, BaseException):
+                    raise batch
+                with conn.transaction():
+                    if superuser:
+                        conn.execute("SET LOCAL session_replication_role = replica")
+                    for statement, lines in batch:
+                        _copy_lines(conn, statement, lines)
+                for statement, lines in batch:
+                    report.rows[statement.split()[1]] += len(lines)
                 report.seconds = time.perf_counter() - started
                 if progress:
                     progress(report)
-
-        step(BATCH, lambda c, n: _customers(c, rng, n, now, report), customers)
-        step(BATCH, lambda c, n: _products(c, rng, n, now, report), products)
-        if orders:
-            catalogue = _catalogue(conn)
-            step(BATCH, lambda c, n: _orders(c, rng, n, now, catalogue, report), orders)
+        finally:
+            stop.set()
+            thread.join()
+            _reset_sequences(conn)
     report.seconds = time.perf_counter() - started
     return report

@@ -100,9 +100,9 @@ async def test_commands_work_after_a_seed_because_sequences_were_reset(fresh_dat
     assert payment.payment_id == _rows(dsn, "SELECT max(id) FROM payments")[0][0]
 
 
-def test_a_second_seed_appends(fresh_database):
+def test_seeding_again_with_the_same_seed_appends(fresh_database):
     dsn = _seeded_db(fresh_database, "seed_twice", customers=10, products=5, orders=10)
-    seed(dsn, customers=10, orders=10, seed=43)
+    seed(dsn, customers=10, orders=10, seed=42)
     assert _rows(dsn, "SELECT count(*), max(id) FROM customers")[0] == (20, 20)
     assert _rows(dsn, "SELECT count(*), max(id) FROM orders")[0] == (20, 20)
 
