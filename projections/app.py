@@ -537,8 +537,9 @@ class Pipeline(Service):
         """The event topics are cdc's (it creates them): wait for them, never create them."""
         warned = False
         while True:
-            await consumer.topics()  # a fresh metadata request: topics cdc created since
-            found = {t: consumer.partitions_for_topic(t) for t in self.topics}
+            # aiokafka has no public call for another topic's partitions before subscribing
+            cluster = await consumer._client.fetch_all_metadata()
+            found = {t: cluster.partitions_for_topic(t) for t in self.topics}
             missing = [t for t, parts in found.items() if not parts]
             if not missing:
                 return {(t, p) for t, parts in found.items() for p in parts or ()}

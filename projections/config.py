@@ -93,7 +93,7 @@ class Settings:
         for name, value in (
             ("TOPIC_PREFIX", settings.topic_prefix),
             ("PROJECTIONS_APP_ID", settings.app_id),
-            ("REDIS_NAMESPACE", settings.redis_namespace),
+            ("REDIS_NAMESPACE", settings.redis_namespace.replace(":", ".")),
         ):
             if not _NAME.match(value):
                 raise ConfigError(

@@ -1,0 +1,146 @@
+"""The worker process: crash safety (kill -9 mid-batch), redelivery, resuming from the sinks' positions."""
+
+from __future__ import annotations
+
+import time
+
+from cdc.lsn import format_lsn
+
+from .conftest import EventTopics, ShopHistory, WorkerProcess
+
+
+def _history(shop: ShopHistory, customers: int, orders: int) -> list:
+    events: list = []
+    for cid in range(1, customers + 1):
+        events += shop.register(cid)
+    for oid in range(1, orders + 1):
+        events += shop.place(oid, 1 + oid % customers, lines=1 + oid % 3)
+        if oid % 2 == 0:
+            events += shop.pay(oid, payment_id=oid)
+        if oid % 4 == 0:
+            events += shop.ship(oid)
+    return events
+
+
+def _wait_caught_up(worker: WorkerProcess, lsn: int, timeout: float = 90.0) -> dict:
+    deadline = time.monotonic() + timeout
+    status: dict = {}
+    while time.monotonic() < deadline:
+        code, status, _ = worker.get("/status")
+        if code == 200 and all(
+            p["watermark"] == format_lsn(lsn) for p in status["projections"].values()
+        ):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"not caught up to {format_lsn(lsn)} within {timeout} s: {status}")
+
+
+def _expected_statuses(shop: ShopHistory) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for order in shop.orders.values():
+        counts[order["status"]] = counts.get(order["status"], 0) + 1
+    return counts
+
+
+def _views(worker: WorkerProcess, shop: ShopHistory) -> dict:
+    """Everything the projections show: every user and order view, ClickHouse state and aggregates."""
+    out: dict = {}
+    for cid in shop.customers:
+        code, body, _ = worker.get(f"/users/{cid}")
+        assert code == 200, body
+        body.pop("watermark")
+        out[f"user:{cid}"] = body
+    for oid in shop.orders:
+        code, body, _ = worker.get(f"/orders/{oid}")
+        assert code == 200, body
+        body.pop("watermark")
+        out[f"order:{oid}"] = body
+    for name, sql in {
+        "statuses": "SELECT status, count() FROM orders_v GROUP BY status ORDER BY status",
+        "items": "SELECT count(), sum(line_total) FROM order_items_v",
+        "ltv": "SELECT * FROM customer_ltv_v ORDER BY ALL",
+        "daily": "SELECT * FROM orders_by_status_daily_v ORDER BY ALL",
+        "events": "SELECT count() FROM events_v",
+    }.items():
+        code, body = worker.post("/analytics/sql", {"sql": sql})
+        assert code == 200, body
+        out[name] = body["rows"]
+    return out
+
+
+def test_kill_9_mid_batch_then_restart_applies_every_event(
+    event_topics: EventTopics, worker_factory, shop_history: ShopHistory, redis_namespace: str
+) -> None:  # type: ignore[no-untyped-def]
+    events = _history(shop_history, customers=50, orders=3000)
+    final = shop_history.lsn + 0x10000
+    event_topics.publish(events, watermark=final)
+    worker = worker_factory(
+        event_topics.prefix,
+        redis_namespace,
+        PROJECTIONS_BATCH_MAX="300",
+        PROJECTIONS_CH_BATCH_MAX="1000",
+        PROJECTIONS_CH_BATCH_WAIT_MS="50",
+    )
+    worker.start()
+    deadline = time.monotonic() + 60
+    partial = None
+    while time.monotonic() < deadline:
+        _, status, _ = worker.get("/status")
+        applied = {n: p["events_applied"] for n, p in status["projections"].items()}
+        if all(0 < n < len(events) for n in applied.values()):
+            partial = applied
+            break
+        time.sleep(0.02)
+    assert partial is not None, f"never saw both projections part-way: {status}"
+    worker.kill9()
+
+    worker.start()
+    status = _wait_caught_up(worker, final)
+    # the restarted worker resumed where the sinks' positions said, not from scratch
+    restarted = {n: p["events_applied"] for n, p in status["projections"].items()}
+    assert all(restarted[n] < len(events) for n in restarted), (partial, restarted)
+
+    views = _views(worker, shop_history)
+    for oid, order in shop_history.orders.items():
+        assert views[f"order:{oid}"]["status"] == order["status"]
+        assert len(views[f"order:{oid}"]["items"]) == 1 + oid % 3
+    expected = _expected_statuses(shop_history)
+    assert dict(views["statuses"]) == expected
+    assert sum(v["orders"] for k, v in views.items() if k.startswith("user:")) == 3000
+    assert views["events"] == [[len(events)]]
+
+
+def test_the_same_events_delivered_twice_leave_every_view_unchanged(
+    event_topics: EventTopics, worker_factory, shop_history: ShopHistory, redis_namespace: str
+) -> None:  # type: ignore[no-untyped-def]
+    events = _history(shop_history, customers=20, orders=300)
+    first = shop_history.lsn + 0x10000
+    event_topics.publish(events, watermark=first)
+    worker = worker_factory(event_topics.prefix, redis_namespace)
+    worker.start()
+    _wait_caught_up(worker, first)
+    before = _views(worker, shop_history)
+
+    event_topics.publish(events, watermark=first + 0x10000)  # every event again, at new offsets
+    status = _wait_caught_up(worker, first + 0x10000)
+    assert all(p["events_applied"] >= 2 * len(events) for p in status["projections"].values())
+    assert _views(worker, shop_history) == before
+
+
+def test_a_restart_resumes_from_the_stored_positions_even_if_kafka_committed_less(
+    event_topics: EventTopics, worker_factory, shop_history: ShopHistory, redis_namespace: str
+) -> None:  # type: ignore[no-untyped-def]
+    """The store is the truth: a new consumer group (nothing committed) does not re-read everything."""
+    events = _history(shop_history, customers=5, orders=100)
+    lsn = shop_history.lsn + 0x10000
+    event_topics.publish(events, watermark=lsn)
+    worker = worker_factory(event_topics.prefix, redis_namespace)
+    worker.start()
+    _wait_caught_up(worker, lsn)
+    worker.stop()
+
+    worker.env["PROJECTIONS_APP_ID"] = f"{event_topics.prefix}-other-group"
+    worker.start()
+    status = _wait_caught_up(worker, lsn)
+    assert status["projections"]["redis"]["events_applied"] == 0
+    assert status["projections"]["clickhouse"]["events_applied"] == 0
