@@ -53,6 +53,8 @@ __all__ = [
     "pg_now_us",
     "pg_us_to_unix_ms",
     "standby_status_update",
+    "unpack_begin",
+    "unpack_commit",
 ]
 
 # 2000-01-01T00:00:00Z in microseconds since the Unix epoch: every Postgres
@@ -407,6 +409,20 @@ def _fixed(buf: bytes, s: struct.Struct, kind: str, what: str) -> tuple[int, ...
     if len(buf) != 1 + s.size:
         raise _fail(buf, kind, 1, f"{what} ({s.size} bytes, message must be {1 + s.size} bytes)")
     return s.unpack_from(buf, 1)
+
+
+def unpack_begin(buf: bytes) -> tuple[int, int, int]:
+    """Begin bytes -> (final_lsn, commit_ts, xid) without building a message (hot path)."""
+    if len(buf) != 21 or buf[0] != 0x42:
+        raise _fail(buf, "Begin", 0, "'B', Int64 final LSN, Int64 commit time, Int32 xid (21 bytes)")
+    return _BEGIN.unpack_from(buf, 1)
+
+
+def unpack_commit(buf: bytes) -> tuple[int, int, int, int]:
+    """Commit bytes -> (flags, commit_lsn, end_lsn, commit_ts) without building a message."""
+    if len(buf) != 26 or buf[0] != 0x43:
+        raise _fail(buf, "Commit", 0, "'C', Int8 flags, Int64 commit LSN, Int64 end LSN, Int64 commit time (26 bytes)")
+    return _COMMIT.unpack_from(buf, 1)
 
 
 def _begin(buf: bytes) -> Begin:

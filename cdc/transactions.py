@@ -30,8 +30,7 @@ from typing import BinaryIO, Final, TypeAlias
 
 from cdc.changes import ChangeBuilder, RowChange
 from cdc.pgoutput import (
-    Begin,
-    Commit,
+    PG_EPOCH_UNIX_US,
     Message,
     PgOutputError,
     Relation,
@@ -42,6 +41,8 @@ from cdc.pgoutput import (
     Type,
     decode_message,
     pg_us_to_unix_ms,
+    unpack_begin,
+    unpack_commit,
 )
 
 __all__ = [
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TransactionStart:
     xid: int
     commit_lsn: int
@@ -61,7 +62,7 @@ class TransactionStart:
     streamed: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TransactionEnd:
     """The transaction is complete; once everything before it is published, confirm ``end_lsn``."""
 
@@ -72,7 +73,7 @@ class TransactionEnd:
     changes: int  # number of RowChanges emitted for it
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LogicalMessage:
     """pg_logical_emit_message(): inside a transaction when transactional, else on its own."""
 
@@ -207,21 +208,23 @@ class TransactionAssembler:
             seq = self._seq
             self._seq = seq + 1
             return (self.builder.change(payload, wal_lsn, self._commit_lsn, self._xid, seq, self._ts_ms),)
-        msg = decode_message(payload)
-        if isinstance(msg, Begin):
+        if t == 0x42:  # Begin
+            final_lsn, commit_ts, xid = unpack_begin(payload)
             if self._in_tx:
-                raise PgOutputError(f"Begin of xid {msg.xid} inside transaction {self._xid}: expected Commit")
+                raise PgOutputError(f"Begin of xid {xid} inside transaction {self._xid}: expected Commit")
             self._in_tx = True
-            self._xid, self._commit_lsn = msg.xid, msg.final_lsn
-            self._ts_ms = pg_us_to_unix_ms(msg.commit_ts)
+            self._xid, self._commit_lsn = xid, final_lsn
+            self._ts_ms = ts_ms = (commit_ts + PG_EPOCH_UNIX_US) // 1000
             self._seq = 0
-            return (TransactionStart(msg.xid, msg.final_lsn, self._ts_ms, False),)
-        if isinstance(msg, Commit):
+            return (TransactionStart(xid, final_lsn, ts_ms, False),)
+        if t == 0x43:  # Commit
+            _flags, commit_lsn, end_lsn, _ts = unpack_commit(payload)
             if not self._in_tx:
-                raise PgOutputError(f"Commit at {msg.commit_lsn:X} without Begin")
+                raise PgOutputError(f"Commit at {commit_lsn:X} without Begin")
             self._in_tx = False
-            self.last_end_lsn = msg.end_lsn
-            return (TransactionEnd(self._xid, msg.commit_lsn, msg.end_lsn, self._ts_ms, self._seq),)
+            self.last_end_lsn = end_lsn
+            return (TransactionEnd(self._xid, commit_lsn, end_lsn, self._ts_ms, self._seq),)
+        msg = decode_message(payload)
         if isinstance(msg, Relation):
             self.builder.add_relation(msg)
             return _NONE

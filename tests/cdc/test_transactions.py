@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cdc.changes import ChangeBuilder, RowChange, UnknownRelationError
 from cdc.pgoutput import (
@@ -307,3 +309,27 @@ def test_envelope_is_debezium_shaped() -> None:
     change.unconverted = ("weird",)
     assert change.envelope()["unconverted"] == ["weird"]
     orjson.dumps(change.envelope())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_corrupted_stream_raises_only_pgoutput_error(tmp_path_factory: pytest.TempPathFactory, data: st.DataObject) -> None:
+    messages = _recorded("dml")
+    i = data.draw(st.integers(0, len(messages) - 1))
+    raw = bytearray(messages[i][1])
+    pos = data.draw(st.integers(0, len(raw) - 1))
+    if data.draw(st.booleans()):
+        raw[pos] ^= 1 << data.draw(st.integers(0, 7))
+    else:
+        del raw[pos:]
+    messages[i] = (i, bytes(raw))
+    asm = TransactionAssembler(tmp_path_factory.mktemp("spool"))
+    try:
+        for lsn, m in messages:
+            for item in asm.feed(lsn, m):
+                if isinstance(item, RowChange):
+                    orjson.dumps(item.envelope())
+    except PgOutputError:
+        pass
+    finally:
+        asm.close()
