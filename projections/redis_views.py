@@ -36,6 +36,7 @@ RECENT: Final = 20  # orders in a customer's recent list (apply.lua trims to it)
 _LUA = Path(__file__).with_name("lua")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _dumps = orjson.dumps
+_SEP: Final = "\x1f"  # ends every field of a batch (see apply.lua)
 _loads = orjson.loads
 
 
@@ -96,126 +97,124 @@ def money(cents: int) -> str:
     return f"{sign}{whole}.{frac:02d}"
 
 
-def _row_op(
-    out: list[str],
-    code: str,
-    row: dict[str, Any],
-    id_: str,
-    rv: str,
-    act: str,
-    cust: str | None,
-    unavailable: list[str],
-) -> None:
-    append = out.append
-    append(code)
-    append(id_)
-    append(rv)
-    append(act)
-    if cust is not None:
-        append(cust)
-    at = len(out)
-    append("")
-    n = 0
-    for name, value in row.items():
-        if name != "id":
-            append(name)
-            append(_dumps(value).decode())
-            n += 1
-    if code == "O":
-        placed = row.get("placed_at")
-        if placed is not None:
-            append("@ts")
-            append(_micros(placed))
-            n += 1
-    out[at] = str(n)
-    append(str(len(unavailable)))
-    out.extend(unavailable)
+class _Batch:
+    """The fields of one batch (in apply.lua's layout) and the row shapes sent so far."""
+
+    __slots__ = ("fields", "shapes")
+
+    def __init__(self, fields: list[str]) -> None:
+        self.fields = fields
+        self.shapes: dict[tuple[str, ...], str] = {}
+
+    def shape(self, names: tuple[str, ...]) -> str:
+        sid = self.shapes.get(names)
+        if sid is None:
+            sid = self.shapes[names] = str(len(self.shapes))
+            self.fields += ("S", sid, str(len(names)))
+            self.fields += names
+        return sid
 
 
-def digest(events: Iterable[DomainEvent], out: list[str]) -> int:
-    """Append the ops of `events` to `out` (the ARGV layout of apply.lua); returns their number."""
+def _id(value: Any) -> str:
+    return value if value.__class__ is str else str(value)
+
+
+def _unavailable(fields: list[str], change: dict[str, Any]) -> None:
+    names = change.get("unavailable")
+    if names:
+        fields.append(str(len(names)))
+        fields += names
+    else:
+        fields.append("0")
+
+
+def digest(events: Iterable[DomainEvent], fields: list[str]) -> int:
+    """Append the ops of `events` to `fields` (apply.lua's layout); returns the row changes taken."""
+    batch = _Batch(fields)
+    shape = batch.shape
+    dumps = _dumps
     ops = 0
     for event in events:
-        version = f"{event.version:025d}"
+        version = event.version
+        items: list[str] = []
+        item_order: str | None = None
         for change in event.changes:
             source = change["source"]
             table = source["table"]
             if table not in _TABLES or source.get("schema", "public") != "public":
                 continue
             op = change["op"]
-            rv = f"{version}{source['seq']:010d}"
+            rv = f"{version:025d}{source['seq']:010d}"
+            ops += 1
+            if table == "order_items":
+                row = change["before"] if op == "d" else change["after"]
+                if op == "t" or not row:
+                    if op == "t":
+                        fields += ("T", "order_items", rv)
+                    continue
+                oid, line = row.get("order_id"), row.get("line_no")
+                if oid is None or line is None:
+                    continue
+                oid_b = _id(oid)
+                if item_order is not None and oid_b != item_order:
+                    fields += ("I", item_order, str(len(items) // 3), *items)
+                    items = []
+                item_order = oid_b
+                if op == "d":
+                    items += (_id(line), rv, "")
+                else:
+                    items += (
+                        _id(line),
+                        rv,
+                        dumps({k: v for k, v in row.items() if k != "order_id"}).decode(),
+                    )
+                continue
             if op == "t":
-                out += ("T", table, rv)
-                ops += 1
+                fields += ("T", table, rv)
                 continue
             if op == "d":
                 row = change["before"]
                 if not row:
                     continue
-                if table == "orders" or table == "customers":
-                    id_ = row.get("id")
-                    if id_ is None:
-                        continue
-                    out += ("o" if table == "orders" else "c", _text(id_), rv)
-                else:
-                    oid = row.get("order_id")
+                if table == "payments":
                     # A payments delete under the default replica identity carries
                     # only its id: without the order it cannot be placed (see docs).
-                    if oid is None:
-                        continue
-                    key = row.get("line_no") if table == "order_items" else row.get("id")
-                    if key is None:
-                        continue
-                    out += ("i" if table == "order_items" else "p", _text(oid), _text(key), rv)
-                ops += 1
+                    oid, pid = row.get("order_id"), row.get("id")
+                    if oid is not None and pid is not None:
+                        fields += ("P", _id(oid), _id(pid), rv, "D")
+                    continue
+                id_ = row.get("id")
+                if id_ is not None:
+                    fields += ("o" if table == "orders" else "c", _id(id_), rv)
                 continue
             row = change["after"]
-            if not row:
+            if not row or (id_ := row.get("id")) is None:
                 continue
             if table == "orders":
-                id_ = row.get("id")
-                if id_ is None:
-                    continue
                 cust = row.get("customer_id")
-                _row_op(
-                    out,
-                    "O",
-                    row,
-                    _text(id_),
-                    rv,
-                    _activity(row.get("updated_at")),
-                    "" if cust is None else _text(cust),
-                    change.get("unavailable") or [],
-                )
-            elif table == "order_items":
-                oid, line = row.get("order_id"), row.get("line_no")
-                if oid is None or line is None:
-                    continue
-                item = {k: v for k, v in row.items() if k != "order_id"}
-                out += ("I", _text(oid), _text(line), rv, _dumps(item).decode())
+                placed = row.get("placed_at")
+                fields += (
+                    "O", _id(id_), rv, _activity(row.get("updated_at")),
+                    "" if cust is None else _id(cust),
+                    "" if placed is None else _micros(placed),
+                    shape(tuple(row)),
+                )  # fmt: skip
+                fields += [dumps(v).decode() for v in row.values()]
+                _unavailable(fields, change)
             elif table == "payments":
-                oid, pid = row.get("order_id"), row.get("id")
-                if oid is None or pid is None:
+                oid = row.get("order_id")
+                if oid is None:
                     continue
                 cents = _cents(row.get("amount", "0"))
                 if row.get("kind") == "refund":
                     cents = -cents
-                out += ("P", _text(oid), _text(pid), rv, str(cents))
+                fields += ("P", _id(oid), _id(id_), rv, str(cents))
             else:
-                id_ = row.get("id")
-                if id_ is None:
-                    continue
-                _row_op(
-                    out,
-                    "C",
-                    row,
-                    _text(id_),
-                    rv,
-                    _activity(row.get("updated_at")),
-                    None,
-                    change.get("unavailable") or [],
-                )
-            ops += 1
+                fields += ("C", _id(id_), rv, _activity(row.get("updated_at")), shape(tuple(row)))
+                fields += [dumps(v).decode() for v in row.values()]
+                _unavailable(fields, change)
+        if items:
+            fields += ("I", item_order, str(len(items) // 3), *items)  # type: ignore[arg-type]
     return ops
 
 
@@ -254,11 +253,12 @@ class RedisViews:
         self, events: list[DomainEvent], positions: dict[PositionKey, Position]
     ) -> None:
         """Apply a batch and store its positions: one EVALSHA, atomic in Redis."""
-        args: list[str] = [self.namespace, str(len(positions))]
+        fields: list[str] = [str(len(positions))]
         for (topic, partition), pos in positions.items():
-            args += (f"{topic}:{partition}", f"{pos.offset:020d}", f"{pos.watermark:020d}")
-        digest(events, args)
-        applied, skipped = await self._apply(args=args)
+            fields += (f"{topic}:{partition}", f"{pos.offset:020d}", f"{pos.watermark:020d}")
+        digest(events, fields)
+        fields.append("")
+        applied, skipped = await self._apply(args=[self.namespace, _SEP.join(fields)])
         self.events_applied += len(events)
         self.ops_applied += int(applied)
         self.ops_skipped += int(skipped)
@@ -278,7 +278,8 @@ class RedisViews:
         for i in range(0, len(flat), 2):
             name, value = _s(flat[i]), flat[i + 1]
             if name[0] != "@":
-                profile[name] = _loads(value)
+                if name != "id":
+                    profile[name] = _loads(value)
             elif name.startswith("@n:"):
                 counts[name[3:]] = int(value)
             elif name.startswith("@spend:"):
@@ -320,7 +321,8 @@ class RedisViews:
         for i in range(0, len(flat), 2):
             name, value = _s(flat[i]), flat[i + 1]
             if name[0] != "@":
-                view[name] = _loads(value)
+                if name != "id":
+                    view[name] = _loads(value)
             elif name == "@v":
                 live = True
             elif name == "@del":

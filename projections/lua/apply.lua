@@ -1,19 +1,22 @@
 -- One batch of the Redis user views, applied atomically: guarded row writes
 -- plus the Kafka positions they reflect. docs/redis-views.md describes the keys.
 --
--- ARGV[1] namespace, ARGV[2] number of positions P, then P triples
--- (field "topic:partition", offset, watermark; both 20-digit zero-padded),
--- then the ops, each an opcode followed by its fields (projections/redis_views.py
--- builds them):
---   C id rv act n col val ... m col ...    customers row upsert (m unavailable columns)
---   c id rv                                customers row delete
---   O id rv act cust n col val ... m col ...   orders row upsert
---   o id rv                                orders row delete
---   I order line rv json                   order_items row upsert
---   i order line rv                        order_items row delete
---   P order payment rv cents               payments row upsert (signed cents)
---   p order payment rv                     payments row delete
---   T table rv                             truncate of a table
+-- ARGV[1] namespace, ARGV[2] the batch: fields each ended by \31 (ASCII unit
+-- separator, which JSON text never holds raw). One string instead of one
+-- argument per field: packing tens of thousands of arguments costs the client
+-- more than Lua's split costs the server. The fields: the number of positions
+-- P, then P triples (field "topic:partition", offset, watermark; both 20-digit
+-- zero-padded), then the ops, each an opcode followed by its fields
+-- (projections/redis_views.py builds them):
+--   S sid n name ...                   a shape: the column names of the rows that
+--                                      name it (sent once per batch and shape)
+--   C id rv act sid value ... m col ...         customers row upsert: the values in
+--                                      shape order, then m unavailable columns
+--   O id rv act cust ts sid value ... m col ... orders row upsert
+--   c id rv | o id rv                  customers / orders row delete
+--   I order k (line rv json) ...       k order_items rows of one order; json '' = delete
+--   P order payment rv cents           payments row (signed cents; 'D' = delete)
+--   T table rv                         truncate of a table
 -- rv (row version) is the event version zero-padded to 25 digits followed by the
 -- change's seq padded to 10: fixed width, so plain string comparison orders them
 -- (versions exceed 2^53; Lua numbers are doubles). act is the row's updated_at,
@@ -27,6 +30,15 @@ local TRUNC = ns .. ':truncated'
 local ZERO = string.rep('0', 35)
 local AT = 64 -- '@'
 local RECENT = 20
+
+local F = {}
+do
+  local n = 0
+  for f in string.gmatch(ARGV[2], '([^\031]*)\031') do
+    n = n + 1
+    F[n] = f
+  end
+end
 
 local trunc = {}
 do
@@ -82,19 +94,20 @@ end
 -- Last-writer-wins by row version; a column absent from a newer write (an
 -- unchanged TOAST value) keeps its value and remembers, in @lag, the version it
 -- is from, so an older write may still fill it in (any delivery order converges).
-local function upsert(key, rv, ci, n, ui, m)
+local function upsert(key, rv, names, vi, ui, m, extra, extra_value)
+  local n = #names
   local st = call('HMGET', key, '@v', '@del', '@lag')
   local cur, del, lag_s = st[1], st[2], st[3]
   if cur and rv <= cur then
     if rv == cur or del or not lag_s then return false end
     local lag = parse_lag(lag_s)
     local args = { key }
-    for k = ci, ci + 2 * n - 1, 2 do
-      local c = ARGV[k]
+    for k = 1, n do
+      local c = names[k]
       local lv = lag[c]
       if lv and rv > lv then
         args[#args + 1] = c
-        args[#args + 1] = ARGV[k + 1]
+        args[#args + 1] = F[vi + k - 1]
         lag[c] = rv
       end
     end
@@ -105,19 +118,26 @@ local function upsert(key, rv, ci, n, ui, m)
     return true
   end
   local args = { key, '@v', rv }
-  for k = ci, ci + 2 * n - 1 do args[#args + 1] = ARGV[k] end
+  for k = 1, n do
+    args[2 * k + 2] = names[k]
+    args[2 * k + 3] = F[vi + k - 1]
+  end
+  if extra and extra_value ~= '' then
+    args[#args + 1] = extra
+    args[#args + 1] = extra_value
+  end
   local new_lag = nil
   if m > 0 then
     local old = parse_lag(lag_s)
     local have = {}
     if cur and not del then
       local q = { key }
-      for k = ui, ui + m - 1 do q[#q + 1] = ARGV[k] end
+      for k = ui, ui + m - 1 do q[#q + 1] = F[k] end
       have = call('HMGET', unpack(q))
     end
     local lag = {}
     for k = ui, ui + m - 1 do
-      local c = ARGV[k]
+      local c = F[k]
       lag[c] = old[c] or (have[k - ui + 1] and cur) or ZERO
     end
     new_lag = format_lag(lag)
@@ -137,6 +157,51 @@ local function delete(key, rv)
   drop_row_fields(key)
   call('HSET', key, '@v', rv, '@del', '1')
   return true
+end
+
+-- Per batch, not per op: the newest activity per customer, the ids to index
+-- and the orders whose contribution to their customer must be recomputed
+-- (relink is state-based, so once at the end of the batch is enough).
+local last_seen, user_list, user_seen, order_list, order_seen = {}, {}, {}, {}, {}
+local dirty_list, dirty_seen = {}, {}
+
+local function activity(cust, act)
+  if act == '' or cust == '' then return end
+  local last = last_seen[cust]
+  if not last or act > last then last_seen[cust] = act end
+end
+
+local function index_user(id)
+  if not user_seen[id] then
+    user_seen[id] = true
+    user_list[#user_list + 1] = id
+  end
+end
+
+local function index_order(id)
+  if not order_seen[id] then
+    order_seen[id] = true
+    order_list[#order_list + 1] = id
+  end
+end
+
+local function mark(oid)
+  if not dirty_seen[oid] then
+    dirty_seen[oid] = true
+    dirty_list[#dirty_list + 1] = oid
+  end
+end
+
+local function sadd_all(key, list)
+  for k = 1, #list, 4000 do
+    call('SADD', key, unpack(list, k, math.min(k + 3999, #list)))
+  end
+end
+
+local function flush_index()
+  sadd_all(ns .. ':users', user_list)
+  sadd_all(ns .. ':orders', order_list)
+  user_list, order_list = {}, {}
 end
 
 local function split_link(s)
@@ -172,7 +237,7 @@ local function relink(oid)
       local rkey = ukey .. ':recent'
       call('ZADD', rkey, f[8] or '0', oid)
       call('ZREMRANGEBYRANK', rkey, 0, -(RECENT + 1))
-      call('SADD', ns .. ':users', nc)
+      index_user(nc)
     end
     call('HSET', okey, '@link', new)
   else
@@ -181,26 +246,16 @@ local function relink(oid)
   if old ~= '' and nc ~= oc then call('ZREM', ns .. ':user:' .. oc .. ':recent', oid) end
 end
 
-local function activity(cust, act)
-  if act == '' or cust == '' then return end
-  local ukey = ns .. ':user:' .. cust
-  local last = call('HGET', ukey, '@last')
-  if not last or act > last then call('HSET', ukey, '@last', act) end
+local function flush()
+  for _, oid in ipairs(dirty_list) do relink(oid) end
+  for cust, act in pairs(last_seen) do
+    local ukey = ns .. ':user:' .. cust
+    local last = call('HGET', ukey, '@last')
+    if not last or act > last then call('HSET', ukey, '@last', act) end
+  end
+  flush_index()
 end
 
-local seen_users, seen_orders = {}, {}
-local function index_user(id)
-  if not seen_users[id] then
-    seen_users[id] = true
-    call('SADD', ns .. ':users', id)
-  end
-end
-local function index_order(id)
-  if not seen_orders[id] then
-    seen_orders[id] = true
-    call('SADD', ns .. ':orders', id)
-  end
-end
 
 local function fresh(table_name, rv)
   local t = trunc[table_name]
@@ -216,6 +271,29 @@ local function child_write(key, field, rv, value)
   return true, old
 end
 
+-- k item rows of one order at F[at..]: one HMGET and one HSET for all of them.
+local function items_write(oid, at, k)
+  local key = ns .. ':order:' .. oid .. ':items'
+  local q = { key }
+  for j = 0, k - 1 do q[j + 2] = F[at + 3 * j] end
+  local old = call('HMGET', unpack(q))
+  local args = { key }
+  local newest = {}
+  local done = 0
+  for j = 0, k - 1 do
+    local line, rv = F[at + 3 * j], F[at + 3 * j + 1]
+    local have = newest[line] or (old[j + 1] and ssub(old[j + 1], 1, 35))
+    if fresh('order_items', rv) and (not have or rv > have) then
+      newest[line] = rv
+      args[#args + 1] = line
+      args[#args + 1] = rv .. '|' .. F[at + 3 * j + 2]
+      done = done + 1
+    end
+  end
+  if #args > 1 then call('HSET', unpack(args)) end
+  return done
+end
+
 local function payment_write(oid, pid, rv, cents)
   local okey = ns .. ':order:' .. oid
   local ok, old = child_write(okey .. ':pay', pid, rv, cents)
@@ -223,7 +301,7 @@ local function payment_write(oid, pid, rv, cents)
   local was = (old and ssub(old, 37)) or 'D'
   if was ~= 'D' and was ~= '0' then incr(okey, '@paid', neg(was)) end
   if cents ~= 'D' and cents ~= '0' then incr(okey, '@paid', cents) end
-  if was ~= cents then relink(oid) end
+  if was ~= cents then mark(oid) end
   return true
 end
 
@@ -281,6 +359,7 @@ local function truncate(table_name, rv)
   if not fresh(table_name, rv) then return false end
   trunc[table_name] = rv
   call('HSET', TRUNC, table_name, rv)
+  flush_index()
   if table_name == 'customers' then
     truncate_rows(ns .. ':users', 'user', rv, false)
   elseif table_name == 'orders' then
@@ -294,23 +373,23 @@ local function truncate(table_name, rv)
 end
 
 -- positions: the offset and the watermark of a partition never move backwards
-local npos = tonumber(ARGV[2])
-local i = 3
+local npos = tonumber(F[1])
+local i = 2
 if npos > 0 then
   local pkey = ns .. ':positions'
   local q = { pkey }
-  for k = 0, npos - 1 do q[#q + 1] = ARGV[i + 3 * k] end
+  for k = 0, npos - 1 do q[#q + 1] = F[i + 3 * k] end
   local old = call('HMGET', unpack(q))
   local args = { pkey }
   for k = 0, npos - 1 do
-    local off, wm = ARGV[i + 3 * k + 1], ARGV[i + 3 * k + 2]
+    local off, wm = F[i + 3 * k + 1], F[i + 3 * k + 2]
     local o = old[k + 1]
     if o then
       local ooff, owm = ssub(o, 1, 20), ssub(o, 22, 41)
       if ooff > off then off = ooff end
       if owm > wm then wm = owm end
     end
-    args[#args + 1] = ARGV[i + 3 * k]
+    args[#args + 1] = F[i + 3 * k]
     args[#args + 1] = off .. ' ' .. wm
   end
   call('HSET', unpack(args))
@@ -318,81 +397,83 @@ if npos > 0 then
 end
 
 local applied, skipped = 0, 0
-local nargs = #ARGV
+local shapes = {}
+local nargs = #F
 while i <= nargs do
-  local op = ARGV[i]
+  local op = F[i]
   local ok = false
   if op == 'O' then
-    local id, rv, act, cust = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-    local n = tonumber(ARGV[i + 5])
-    local m = tonumber(ARGV[i + 6 + 2 * n])
+    local id, rv, act, cust, ts = F[i + 1], F[i + 2], F[i + 3], F[i + 4], F[i + 5]
+    local names = shapes[F[i + 6]]
+    local n = #names
+    local m = tonumber(F[i + 7 + n])
     index_order(id)
     if cust ~= '' then
       index_user(cust)
       activity(cust, act)
     end
     if fresh('orders', rv) then
-      ok = upsert(ns .. ':order:' .. id, rv, i + 6, n, i + 7 + 2 * n, m)
-      if ok then relink(id) end
+      ok = upsert(ns .. ':order:' .. id, rv, names, i + 7, i + 8 + n, m, '@ts', ts)
+      if ok then mark(id) end
     end
-    i = i + 7 + 2 * n + m
+    i = i + 8 + n + m
   elseif op == 'I' then
-    local oid = ARGV[i + 1]
+    local oid, k = F[i + 1], tonumber(F[i + 2])
     index_order(oid)
-    if fresh('order_items', ARGV[i + 3]) then
-      ok = child_write(ns .. ':order:' .. oid .. ':items', ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
-    end
-    i = i + 5
+    local done = items_write(oid, i + 3, k)
+    applied = applied + done
+    skipped = skipped + k - done
+    i = i + 3 + 3 * k
+    ok = nil
   elseif op == 'P' then
-    local oid = ARGV[i + 1]
+    local oid = F[i + 1]
     index_order(oid)
-    if fresh('payments', ARGV[i + 3]) then
-      ok = payment_write(oid, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+    if fresh('payments', F[i + 3]) then
+      ok = payment_write(oid, F[i + 2], F[i + 3], F[i + 4])
     end
     i = i + 5
   elseif op == 'C' then
-    local id, rv, act = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-    local n = tonumber(ARGV[i + 4])
-    local m = tonumber(ARGV[i + 5 + 2 * n])
+    local id, rv, act = F[i + 1], F[i + 2], F[i + 3]
+    local names = shapes[F[i + 4]]
+    local n = #names
+    local m = tonumber(F[i + 5 + n])
     index_user(id)
     activity(id, act)
     if fresh('customers', rv) then
-      ok = upsert(ns .. ':user:' .. id, rv, i + 5, n, i + 6 + 2 * n, m)
+      ok = upsert(ns .. ':user:' .. id, rv, names, i + 5, i + 6 + n, m)
     end
-    i = i + 6 + 2 * n + m
+    i = i + 6 + n + m
+  elseif op == 'S' then
+    local n = tonumber(F[i + 2])
+    local names = {}
+    for k = 1, n do names[k] = F[i + 2 + k] end
+    shapes[F[i + 1]] = names
+    i = i + 3 + n
+    ok = nil
   elseif op == 'o' then
-    local id, rv = ARGV[i + 1], ARGV[i + 2]
+    local id, rv = F[i + 1], F[i + 2]
     index_order(id)
     if fresh('orders', rv) then
       ok = delete(ns .. ':order:' .. id, rv)
-      if ok then relink(id) end
+      if ok then mark(id) end
     end
     i = i + 3
   elseif op == 'c' then
-    local id, rv = ARGV[i + 1], ARGV[i + 2]
+    local id, rv = F[i + 1], F[i + 2]
     index_user(id)
     if fresh('customers', rv) then ok = delete(ns .. ':user:' .. id, rv) end
     i = i + 3
-  elseif op == 'i' then
-    local oid = ARGV[i + 1]
-    index_order(oid)
-    if fresh('order_items', ARGV[i + 3]) then
-      ok = child_write(ns .. ':order:' .. oid .. ':items', ARGV[i + 2], ARGV[i + 3], '')
-    end
-    i = i + 4
-  elseif op == 'p' then
-    local oid = ARGV[i + 1]
-    index_order(oid)
-    if fresh('payments', ARGV[i + 3]) then
-      ok = payment_write(oid, ARGV[i + 2], ARGV[i + 3], 'D')
-    end
-    i = i + 4
   elseif op == 'T' then
-    ok = truncate(ARGV[i + 1], ARGV[i + 2])
+    ok = truncate(F[i + 1], F[i + 2])
     i = i + 3
   else
-    return redis.error_reply('redis views: unknown op ' .. tostring(op) .. ' at ARGV[' .. i .. ']')
+    return redis.error_reply('redis views: unknown op ' .. tostring(op) .. ' at field ' .. i)
   end
-  if ok then applied = applied + 1 else skipped = skipped + 1 end
+  if ok then
+    applied = applied + 1
+  elseif ok == false then
+    skipped = skipped + 1
+  end
 end
+flush()
 return { applied, skipped }
