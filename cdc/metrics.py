@@ -18,7 +18,6 @@ class CaptureMetrics:
         self.transactions = Counter("cdc_transactions_total", "Transactions published", ["slot"], registry=r).labels(**labels)
         self.snapshot_rows = Counter("cdc_snapshot_rows_total", "Rows read by snapshots", ["slot"], registry=r).labels(**labels)
         self.errors = Counter("cdc_errors_total", "Errors by kind", ["slot", "kind"], registry=r)
-        self.unconverted = Counter("cdc_unconverted_values_total", "Values published raw because they could not be converted", ["slot"], registry=r).labels(**labels)
         self.confirmed_lsn = Gauge("cdc_confirmed_lsn", "LSN confirmed to Postgres (flush position)", ["slot"], registry=r).labels(**labels)
         self.received_lsn = Gauge("cdc_received_lsn", "Newest WAL position received from the server", ["slot"], registry=r).labels(**labels)
         self.lag_bytes = Gauge("cdc_lag_bytes", "Received minus confirmed LSN", ["slot"], registry=r).labels(**labels)
