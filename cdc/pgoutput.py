@@ -651,9 +651,8 @@ def _row(buf: bytes, pos: int, kind: str, spec: RowSpec) -> tuple[dict[str, Any]
         for name, conv in zip(names, converters, strict=False):
             k = buf[pos]
             if k == 0x74:  # 't'
+                # a length running past the end is caught after the loop (pos > size)
                 end = pos + 5 + _U32(buf, pos + 1)[0]
-                if end > size:
-                    break
                 raw = buf[pos + 5 : end]
                 pos = end
                 try:
@@ -685,8 +684,8 @@ def _row(buf: bytes, pos: int, kind: str, spec: RowSpec) -> tuple[dict[str, Any]
             done += 1
     except (IndexError, struct.error):
         pass
-    if done != n:
-        raise _fail(buf, kind, pos, f"column {done} of {n} in TupleData (truncated)")
+    if done != n or pos > size:
+        raise _fail(buf, kind, min(pos, size), f"column {done} of {n} in TupleData (truncated)")
     return row, unavailable, unconverted, pos
 
 

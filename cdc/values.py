@@ -387,13 +387,9 @@ def _timestamp_bytes(raw: bytes) -> str:
     return _timestamp(raw.decode())
 
 
-def _numeric_bytes(raw: bytes) -> str:
-    return _numeric(raw.decode())
-
-
 # Bytes-level fast paths for the common column types (no str detour).
 _FAST: Final[dict[int, Converter]] = {
-    1700: _numeric_bytes,
+    1700: bytes.decode,  # the server's text is already the exact digits (and NaN, Infinity)
     1184: _timestamptz_bytes,
     1114: _timestamp_bytes,
     16: _BOOL_BYTES.__getitem__,

@@ -77,7 +77,6 @@ def test_scalar_text_converts_to_the_design_encoding(oid: int, text: str, expect
         (3802, "{not json"),
         (17, "\\xzz"),
         (1007, "{1,2"),
-        (1700, "twelve"),
     ],
 )
 def test_unreadable_text_is_kept_as_raw_text_and_reported(oid: int, text: str) -> None:
