@@ -15,7 +15,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
-from writer.errors import DatabaseUnavailable
+from writer.errors import DatabaseUnavailable, MigrationError
 from writer.statements import prepare
 
 __all__ = [
@@ -91,11 +91,19 @@ async def connect(dsn: str, *, autocommit: bool = True) -> psycopg.AsyncConnecti
 async def open_pool(dsn: str, size: int) -> Pool:
     """An open pool of ``size`` autocommit connections, the commands' statements prepared.
 
-    A direct connection is tried first: a pool would keep retrying in the
-    background and report only a timeout, hiding why it cannot connect.
+    A direct connection is tried first, statements prepared: a pool would keep
+    retrying in the background and report only a timeout, hiding why it fails.
     """
     probe = await connect(dsn)
-    await probe.close()
+    try:
+        await prepare(probe)
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedObject) as exc:
+        raise MigrationError(
+            f"the shop schema is missing or out of date in {describe_target(dsn)}"
+            f" ({exc.diag.message_primary}); run `python -m writer migrate` (or `make migrate`)"
+        ) from None
+    finally:
+        await probe.close()
     pool: Pool = AsyncConnectionPool(
         dsn,
         min_size=size,

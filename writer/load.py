@@ -27,8 +27,8 @@ from typing import Any
 import psycopg
 
 from writer import commands as c
-from writer.db import Pool, connect, open_pool
-from writer.errors import DomainError, WriterError
+from writer.db import Pool, connect, describe_target, open_pool
+from writer.errors import DomainError, MigrationError, WriterError
 from writer.latency import LatencyHistogram
 from writer.plan import (
     AddProduct,
@@ -263,9 +263,16 @@ async def ensure_catalogue(dsn: str, seed: int) -> tuple[int, int]:
     """
     conn = await connect(dsn)
     async with conn:
-        cur = await conn.execute(
-            "SELECT (SELECT count(*) FROM customers), (SELECT count(*) FROM products WHERE active)"
-        )
+        try:
+            cur = await conn.execute(
+                "SELECT (SELECT count(*) FROM customers),"
+                " (SELECT count(*) FROM products WHERE active)"
+            )
+        except psycopg.errors.UndefinedTable:
+            raise MigrationError(
+                f"the shop tables do not exist in {describe_target(dsn)}; run"
+                " `python -m writer migrate` (or `make migrate`) first"
+            ) from None
         row = await cur.fetchone()
     assert row is not None
     add_customers = max(0, MIN_CUSTOMERS - int(row[0]))

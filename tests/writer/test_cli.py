@@ -55,3 +55,10 @@ def test_passwords_are_masked_in_dsns(dsn, masked):
 
 def test_the_target_of_a_dsn_names_host_port_and_database():
     assert describe_target("postgresql://u:pw@db.example:6543/shop") == "db.example:6543/shop"
+
+
+def test_load_on_an_unmigrated_database_says_to_migrate(fresh_database):
+    bare = fresh_database("cli_bare")
+    out = run("load", "--dsn", bare, "--commands", "5", "--duration", "0")
+    assert out.returncode == 1
+    assert "writer migrate" in out.stderr and "Traceback" not in out.stderr
