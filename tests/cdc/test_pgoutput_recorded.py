@@ -125,7 +125,7 @@ class Session:
 
     def __call__(self, statement: str) -> Any:
         self.rec.sql.append(f"{self.name}: {statement}" if self.name else statement)
-        cur = self.conn.execute(statement)  # type: ignore[call-overload]
+        cur = self.conn.execute(statement)
         return cur.fetchone() if cur.description else None
 
 

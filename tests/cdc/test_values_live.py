@@ -138,7 +138,7 @@ def _check(type_name: str, expect: Callable[[Any], Any], sent: Any, got: Any) ->
 def values_table(cdc_conn: psycopg.Connection, test_schema: str) -> str:
     cols = ", ".join(f"c{i} {type_name}" for i, (type_name, _, _) in enumerate(COLUMNS))
     cdc_conn.execute(
-        sql.SQL("CREATE TABLE {} (id serial PRIMARY KEY, " + cols + ")").format(  # type: ignore[arg-type]
+        sql.SQL("CREATE TABLE {} (id serial PRIMARY KEY, " + cols + ")").format(
             sql.Identifier(test_schema, "vals")
         )
     )
@@ -159,7 +159,7 @@ def test_random_rows_decode_to_the_values_inserted(
     schema, table = values_table.split(".")
     names = sql.SQL(", ").join(sql.Identifier(f"c{i}") for i in range(len(COLUMNS)))
     holders = sql.SQL(", ").join(
-        sql.SQL("{}::{}").format(sql.Placeholder(), sql.SQL(type_name))  # type: ignore[arg-type]
+        sql.SQL("{}::{}").format(sql.Placeholder(), sql.SQL(type_name))
         for type_name, _, _ in COLUMNS
     )
     insert = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(sql.Identifier(schema, table), names, holders)
