@@ -234,6 +234,16 @@ def test_redelivered_batch_leaves_everything_identical(sink: ClickHouseSink) -> 
     assert snapshot(sink) == before
 
 
+def test_retried_batch_spanning_months_is_dropped_on_insert(sink: ClickHouseSink) -> None:
+    shop = Shop()
+    events = shop.register(1, at="2026-01-31T23:59:59") + shop.register(2, at="2026-02-01T00:00:01")
+    events += shop.register(3, at="2026-03-01T00:00:00")
+    sink.apply(events, {})
+    sink.apply(events, {})
+    assert q(sink, "SELECT count(), uniqExact(_partition_id) FROM {db}.events") == [(3, 3)]
+    assert q(sink, "SELECT count() FROM {db}.customers") == [(3,)]
+
+
 def snapshot(sink: ClickHouseSink) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for view in ("orders_v", "order_items_v", "payments_v", "customers_v", "products_v", "events_v",
