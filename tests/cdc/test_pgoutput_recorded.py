@@ -597,3 +597,42 @@ def test_interleaved_streamed_transactions_come_out_whole_in_commit_order(
     assert by_xid[rec.notes["first_committed"]] == list(range(60001, 60001 + n)) + list(range(61001, 61001 + n))
     small = [t for t in txs if not t[0].streamed]
     assert len(small) == 1 and by_xid[small[0][0].xid] == [1]
+
+
+# ------------------------------------------------------------------ other options (live only)
+
+
+def _ordinary_changes(messages: list[tuple[int, bytes]], spool: Path) -> list[RowChange]:
+    return [i for i in flat(assemble(messages, spool)) if isinstance(i, RowChange)]
+
+
+def test_protocol_version_1_decodes_like_version_2(
+    cdc_conn: psycopg.Connection, test_schema: str, logical_slot: Callable[..., Any], tmp_path: Path
+) -> None:
+    cdc_conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(test_schema)))
+    cdc_conn.execute("CREATE TABLE v (id int PRIMARY KEY, t text, n numeric)")
+    v1 = logical_slot([f"{test_schema}.v"], proto_version="1", streaming="off")
+    v2 = logical_slot([f"{test_schema}.v"])
+    cdc_conn.execute("INSERT INTO v VALUES (1, 'a', 1.5), (2, NULL, NULL)")
+    cdc_conn.execute("UPDATE v SET t = 'b' WHERE id = 1")
+    cdc_conn.execute("DELETE FROM v WHERE id = 2")
+    old = _ordinary_changes(v1.peek(**DECODING_SESSION), tmp_path / "v1")
+    new = _ordinary_changes(v2.peek(**DECODING_SESSION), tmp_path / "v2")
+    assert [(c.op, c.before, c.after) for c in old] == [(c.op, c.before, c.after) for c in new] == [
+        ("c", None, {"id": 1, "t": "a", "n": "1.5"}),
+        ("c", None, {"id": 2, "t": None, "n": None}),
+        ("u", None, {"id": 1, "t": "b", "n": "1.5"}),
+        ("d", {"id": 2}, None),
+    ]
+
+
+def test_binary_format_values_are_kept_as_base64_and_flagged(
+    cdc_conn: psycopg.Connection, test_schema: str, logical_slot: Callable[..., Any], tmp_path: Path
+) -> None:
+    cdc_conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(test_schema)))
+    cdc_conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    slot = logical_slot([f"{test_schema}.b"], binary="true")
+    cdc_conn.execute("INSERT INTO b VALUES (258)")
+    (change,) = _ordinary_changes(slot.peek(**DECODING_SESSION), tmp_path)
+    assert change.after == {"id": "AAABAg=="}  # int4 258 in network byte order
+    assert change.unconverted == ("id",)
