@@ -18,7 +18,9 @@ app = typer.Typer(
 
 DsnOption = Annotated[
     str | None,
-    typer.Option("--dsn", help="Postgres DSN [default: $PG_DSN or the local stack's shop]"),
+    typer.Option(
+        "--dsn", help="Postgres DSN (default: $PG_DSN, else the local stack's shop database)"
+    ),
 ]
 
 
@@ -94,7 +96,12 @@ def load(
     rate: Annotated[
         float, typer.Option(help="commands per second over all workers; 0 = as fast as possible")
     ] = 0.0,
-    duration: Annotated[float, typer.Option(help="seconds to run; 0 = until Ctrl-C")] = 10.0,
+    duration: Annotated[
+        float | None,
+        typer.Option(
+            help="seconds to run; 0 = until Ctrl-C (default: 10, no limit with --commands)"
+        ),
+    ] = None,
     concurrency: Annotated[int, typer.Option(help="workers (and pooled connections)")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="seed of the command plan")] = 1,
     commands: Annotated[
@@ -115,6 +122,8 @@ def load(
     from writer.display import LiveView, print_summary
     from writer.load import LoadConfig, ensure_catalogue, run_load, summary
 
+    if duration is None:
+        duration = 0.0 if commands else 10.0
     if rate < 0 or duration < 0 or commands < 0 or concurrency < 1:
         _fail(WriterError("--rate, --duration and --commands must be >= 0, --concurrency >= 1"))
     config = LoadConfig(
