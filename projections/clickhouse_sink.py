@@ -346,14 +346,13 @@ class ClickHouseSink:
         self, spec: TableSpec, keys: list[tuple[Any, ...]]
     ) -> dict[tuple[Any, ...], list[Any]]:
         cols = ", ".join(spec.columns)
-        if len(spec.key) == 1:
-            where = f"{spec.key[0]} IN {{keys:Array({spec.key_types[0]})}}"
-            params: dict[str, Any] = {"keys": [k[0] for k in keys]}
-        else:
-            names = ", ".join(spec.key)
-            types = ", ".join(spec.key_types)
-            where = f"({names}) IN {{keys:Array(Tuple({types}))}}"
-            params = {"keys": [list(k) for k in keys]}
+        # One array parameter per key column (composite keys zipped back together):
+        # plain arrays bind the same way on both backends.
+        params: dict[str, Any] = {f"k{i}": [k[i] for k in keys] for i in range(len(spec.key))}
+        arrays = [f"{{k{i}:Array({t})}}" for i, t in enumerate(spec.key_types)]
+        where = f"{spec.key[0]} IN {arrays[0]}"
+        if len(spec.key) > 1:
+            where += f" AND has(arrayZip({', '.join(arrays)}), ({', '.join(spec.key)}))"
         result = self.backend.query(
             f"SELECT {cols} FROM {self.database}.{spec.name} FINAL "
             f"WHERE is_deleted = 0 AND {where} "

@@ -330,6 +330,18 @@ def test_unchanged_toast_column_keeps_its_previous_value(sink: ClickHouseSink) -
     assert sink.toast_unresolved == 0
 
 
+def test_unavailable_column_of_a_composite_key_row_is_filled_from_storage(
+    sink: ClickHouseSink,
+) -> None:
+    shop = Shop()
+    sink.apply(shop.place(1, 1, [(1, 2, "10.00"), (2, 1, "7.00")], "2026-03-02T09:00:00"), {})
+    item = {"order_id": 1, "line_no": 2, "product_id": 2, "quantity": 3, "line_total": "21.00"}
+    sink.apply(shop._tx("2026-03-02T10:00:00", [("u", "order_items", None, item, ("unit_price",))]), {})  # fmt: skip
+    rows = q(sink, "SELECT line_no, quantity, unit_price, line_total FROM {db}.order_items_v ORDER BY line_no")  # fmt: skip
+    assert rows == [(1, 2, D("10.00"), D("20.00")), (2, 3, D("7.00"), D("21.00"))]
+    assert sink.toast_unresolved == 0
+
+
 def test_toast_column_of_a_row_never_seen_is_counted_as_unresolved(sink: ClickHouseSink) -> None:
     shop = Shop()
     shop.register(1, profile={"tier": "gold"})  # not applied: the projection started later
