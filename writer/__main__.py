@@ -148,6 +148,9 @@ def load(
     except WriterError as exc:
         _fail(exc)
         return
+    except asyncio.CancelledError:
+        typer.echo("writer load: interrupted twice; stopped without a summary", err=True)
+        raise typer.Exit(130) from None
     if json_output:
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

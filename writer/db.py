@@ -112,6 +112,7 @@ async def open_pool(dsn: str, size: int) -> Pool:
         open=False,
         name="writer",
         configure=prepare,
+        timeout=10,  # waiting longer for a connection only hides that the database is gone
     )
     await pool.open(wait=True, timeout=30)
     return pool

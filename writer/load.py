@@ -300,8 +300,16 @@ async def run_load(
     pool = await open_pool(dsn, config.concurrency)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    current = asyncio.current_task()
+
+    def interrupt() -> None:
+        """First Ctrl-C: finish the commands in flight and report. Second: give up now."""
+        if stop.is_set() and current is not None:
+            current.cancel()
+        stop.set()
+
     with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGINT, interrupt)
     try:
         targets = await _targets(pool, tag or run_tag())
         stats = Stats()
