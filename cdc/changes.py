@@ -94,6 +94,19 @@ class RelationInfo:
         return self.names, self.converters
 
 
+class _Specs(dict[int, RowSpec]):
+    """relation id -> (names, converters); a miss is the named error, not a KeyError."""
+
+    __slots__ = ("_builder",)
+
+    def __init__(self, builder: ChangeBuilder) -> None:
+        super().__init__()
+        self._builder = builder
+
+    def __missing__(self, relation_id: int) -> RowSpec:
+        return self._builder.relation(relation_id).spec  # raises UnknownRelationError
+
+
 def _b64(raw: bytes) -> str:
     return binascii.b2a_base64(raw, newline=False).decode("ascii")
 
@@ -106,7 +119,7 @@ class ChangeBuilder:
     def __init__(self) -> None:
         self.relations: dict[int, RelationInfo] = {}
         self.types: dict[int, Type] = {}
-        self._specs: dict[int, RowSpec] = {}
+        self._specs = _Specs(self)
 
     # ---- schema messages
 
@@ -136,11 +149,6 @@ class ChangeBuilder:
         self._specs[msg.relation_id] = info.spec
         return info
 
-    def _spec(self, relation_id: int) -> RowSpec:
-        spec = self._specs.get(relation_id)
-        if spec is None:
-            self.relation(relation_id)  # raises UnknownRelationError
-        return spec  # type: ignore[return-value]
 
     def relation(self, relation_id: int) -> RelationInfo:
         try:
@@ -169,15 +177,15 @@ class ChangeBuilder:
 
         Same result as decode_message() followed by insert()/update()/delete().
         """
-        t, rel_id, old_kind, old, new = decode_row_change(data, self._spec, in_stream=in_stream)
+        t, rel_id, old_kind, old, new = decode_row_change(data, self._specs.__getitem__, in_stream=in_stream)
         info = self.relations[rel_id]
         before = None
         if new is not None:
-            after, unavailable, unconverted = new
+            after, unavailable, unconverted, _ = new
         else:
             after, unavailable, unconverted = None, None, None
         if old is not None:
-            before, old_unavailable, old_unconverted = old
+            before, old_unavailable, old_unconverted, _ = old
             if old_kind == "K":
                 # only the key columns carry values; the rest are sent as nulls
                 before = {name: before[name] for name in info.key}

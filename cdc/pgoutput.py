@@ -618,14 +618,14 @@ class PgOutputDecoder:
 # converter per column; pgoutput still knows nothing of value types.
 
 RowSpec: TypeAlias = "tuple[tuple[str, ...], tuple[Callable[[bytes], Any], ...]]"
-Row: TypeAlias = "tuple[dict[str, Any], list[str] | None, list[str] | None]"
+Row: TypeAlias = "tuple[dict[str, Any], list[str] | None, list[str] | None, int]"
 
 
 def _b64(raw: bytes) -> str:
     return binascii.b2a_base64(raw, newline=False).decode("ascii")
 
 
-def _row(buf: bytes, pos: int, kind: str, spec: RowSpec) -> tuple[dict[str, Any], list[str] | None, list[str] | None, int]:
+def _row(buf: bytes, pos: int, kind: str, spec: RowSpec) -> Row:
     """TupleData -> ({name: converted value}, unchanged-TOAST names, unconverted names, end).
 
     A converter that raises leaves the raw text in the row and the column in
@@ -696,24 +696,31 @@ def decode_row_change(
 
     ``spec_for(relation_id)`` gives the column names and converters (it may
     raise for an unknown relation). Old kind is 'K', 'O' or None; rows are
-    ``(values, unavailable, unconverted)``.
+    ``(values, unavailable, unconverted, end offset)``.
     """
-    t = data[0]
+    t = data[0] if data else 0
     kind = "Insert" if t == 0x49 else "Update" if t == 0x55 else "Delete" if t == 0x44 else ""
     if not kind:
         raise _fail(data, "row change", 0, "'I', 'U' or 'D'")
-    pos = 5 if not in_stream else 9
-    if len(data) < pos + 1:
+    pos = 9 if in_stream else 5
+    if len(data) <= pos:
         raise _fail(data, kind, 1, "Int32 xid and Int32 relation id" if in_stream else "Int32 relation id")
-    rel = (data[pos - 4] << 24) | (data[pos - 3] << 16) | (data[pos - 2] << 8) | data[pos - 1]
+    rel = _U32(data, pos - 4)[0]
     spec = spec_for(rel)
+    k = data[pos]
+    if t == 0x49:
+        if k != 0x4E:
+            raise _fail(data, kind, pos, "'N' (new tuple)")
+        new = _row(data, pos + 1, kind, spec)
+        if new[3] != len(data):
+            _end(data, new[3], kind)
+        return "I", rel, None, None, new
     old_kind: str | None = None
     old: Row | None = None
-    k = data[pos]
-    if t != 0x49 and (k == 0x4B or k == 0x4F):  # 'K' / 'O'
+    if k == 0x4B or k == 0x4F:  # 'K' / 'O'
         old_kind = "K" if k == 0x4B else "O"
-        values, unavailable, unconverted, pos = _row(data, pos + 1, kind, spec)
-        old = (values, unavailable, unconverted)
+        old = _row(data, pos + 1, kind, spec)
+        pos = old[3]
         if t == 0x44:
             _end(data, pos, kind)
             return "D", rel, old_kind, old, None
@@ -724,9 +731,9 @@ def decode_row_change(
         raise _fail(data, kind, pos, "'K' (old key) or 'O' (old tuple)")
     if k != 0x4E:
         raise _fail(data, kind, pos, "'N' (new tuple)")
-    values, unavailable, unconverted, pos = _row(data, pos + 1, kind, spec)
-    _end(data, pos, kind)
-    return ("I" if t == 0x49 else "U"), rel, old_kind, old, (values, unavailable, unconverted)
+    new = _row(data, pos + 1, kind, spec)
+    _end(data, new[3], kind)
+    return "U", rel, old_kind, old, new
 
 
 # ---------------------------------------------------------------- encoding
