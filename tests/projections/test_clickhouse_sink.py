@@ -300,6 +300,41 @@ def test_deleted_order_and_items_disappear_from_the_views(sink: ClickHouseSink) 
     assert deleted in ([], [(1, 1)])  # FINAL may already drop the tombstone
 
 
+def test_snapshot_reads_project_like_inserts_and_streamed_changes_win(sink: ClickHouseSink) -> None:
+    shop = Shop()
+    shop.register(1)
+    shop.place(1, 1, [(1, 2, "10.00")], "2026-03-02T09:00:00")
+    snapshot_lsn = shop.lsn + 0x100
+    reads = [
+        RowChange("r", "public", table, KEYS[table], None, dict(shop.rows[(table, key)]), (), (),
+                  snapshot_lsn, snapshot_lsn, 0, 0, ms("2026-03-02T09:30:00"), "initial")
+        for table, key in (("customers", 1), ("orders", 1), ("order_items", (1, 1)))
+    ]  # fmt: skip
+    events = [shop.mapper.snapshot(r) for r in reads]
+    assert [e.event_type for e in events] == [
+        "CustomerSnapshotted", "OrderSnapshotted", "OrderItemSnapshotted",
+    ]  # fmt: skip
+    sink.apply(events, {})
+    assert q(sink, "SELECT id, status FROM {db}.orders_v") == [(1, "pending")]
+    assert q(sink, "SELECT order_id, line_no, quantity FROM {db}.order_items_v") == [(1, 1, 2)]
+    shop.lsn = snapshot_lsn
+    sink.apply(shop.pay(1, "2026-03-02T10:00:00") + events, {})  # a re-read may come again
+    assert q(sink, "SELECT id, status FROM {db}.orders_v") == [(1, "paid")]
+
+
+def test_payment_delete_without_order_id_is_a_generic_event_and_still_applies(
+    sink: ClickHouseSink,
+) -> None:
+    shop = Shop()
+    events = shop.place(1, 1, [(1, 1, "10.00")], "2026-03-02T09:00:00")
+    events += shop.pay(1, "2026-03-02T09:10:00")
+    deleted = shop._tx("2026-03-02T11:00:00", [("d", "payments", {"id": 1}, None, ())])
+    assert [(e.event_type, e.aggregate_type) for e in deleted] == [("RowDeleted", "payments")]
+    sink.apply(events + deleted, {})
+    assert q(sink, "SELECT count() FROM {db}.payments_v") == [(0,)]
+    assert q(sink, "SELECT status FROM {db}.orders_v") == [("paid",)]
+
+
 def test_truncate_hides_rows_written_before_it_even_when_redelivered(sink: ClickHouseSink) -> None:
     shop = Shop()
     added = shop.add_product(1, "books", "10.00") + shop.add_product(2, "games", "5.00")
