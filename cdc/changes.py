@@ -188,7 +188,7 @@ class ChangeBuilder:
             before, old_unavailable, old_unconverted, _ = old
             if old_kind == "K":
                 # only the key columns carry values; the rest are sent as nulls
-                before = {name: before[name] for name in info.key}
+                before = {name: before[name] for name in info.key if name in before}
                 old_unavailable = old_unconverted = None
             if old_unavailable:
                 unavailable = _merge(unavailable, old_unavailable)

@@ -16,7 +16,8 @@ connection sets them; the server's defaults are different):
 * ``IntervalStyle = 'iso_8601'`` - intervals arrive as ``P1Y2M3DT4H5M6.5S``
   and pass through; the default ``postgres`` style is parsed too.
 * ``bytea_output = 'hex'`` (the default); ``escape`` is parsed too.
-* ``extra_float_digits`` at its default (shortest exact float text).
+* ``extra_float_digits`` >= 1 (the default 1, or 3): the shortest text that
+  reads back as the same float.
 * client encoding UTF-8.
 
 Encodings chosen where Postgres has values JSON cannot hold: numeric keeps its
