@@ -86,7 +86,14 @@ def build(changes: int) -> list[tuple[int, bytes]]:
         )  # fmt: skip
         emit(encode_message(Insert(None, ORDERS, row)))
         for line in range(1, 4):
-            item = (str(order_id).encode(), str(line).encode(), str(order_id % 800 + line).encode(), b"2", b"21.66", b"43.32")
+            item = (
+                str(order_id).encode(),
+                str(line).encode(),
+                str(order_id % 800 + line).encode(),
+                b"2",
+                b"21.66",
+                b"43.32",
+            )
             emit(encode_message(Insert(None, ITEMS, item)))
         emit(encode_message(Commit(0, lsn, lsn + 48, ts)))
         xid += 1

@@ -149,7 +149,6 @@ class ChangeBuilder:
         self._specs[msg.relation_id] = info.spec
         return info
 
-
     def relation(self, relation_id: int) -> RelationInfo:
         try:
             return self.relations[relation_id]
@@ -177,7 +176,9 @@ class ChangeBuilder:
 
         Same result as decode_message() followed by insert()/update()/delete().
         """
-        t, rel_id, old_kind, old, new = decode_row_change(data, self._specs.__getitem__, in_stream=in_stream)
+        t, rel_id, old_kind, old, new = decode_row_change(
+            data, self._specs.__getitem__, in_stream=in_stream
+        )
         info = self.relations[rel_id]
         before = None
         if new is not None:

@@ -282,8 +282,13 @@ _NAMES: Final = {
     0x41: "Stream Abort",
 }
 # Protocol v3 (two_phase) messages: named so the error can say what to change.
-_TWO_PHASE: Final = {0x62: "Begin Prepare", 0x50: "Prepare", 0x4B: "Commit Prepared",
-                     0x72: "Rollback Prepared", 0x70: "Stream Prepare"}
+_TWO_PHASE: Final = {
+    0x62: "Begin Prepare",
+    0x50: "Prepare",
+    0x4B: "Commit Prepared",
+    0x72: "Rollback Prepared",
+    0x70: "Stream Prepare",
+}
 
 
 def _fail(buf: bytes, kind: str, pos: int, expected: str) -> PgOutputError:
@@ -349,7 +354,12 @@ def _tuple(buf: bytes, pos: int, kind: str) -> tuple[tuple[ColumnValue, ...], in
                 append(Binary(buf[pos:end]))
                 pos = end
             else:
-                raise _fail(buf, kind, pos, f"column kind 'n', 'u', 't' or 'b' for column {len(out)}, got {k:#04x}")
+                raise _fail(
+                    buf,
+                    kind,
+                    pos,
+                    f"column kind 'n', 'u', 't' or 'b' for column {len(out)}, got {k:#04x}",
+                )
     except (IndexError, struct.error):
         pass
     if len(out) != n:
@@ -414,24 +424,35 @@ def _fixed(buf: bytes, s: struct.Struct, kind: str, what: str) -> tuple[int, ...
 def unpack_begin(buf: bytes) -> tuple[int, int, int]:
     """Begin bytes -> (final_lsn, commit_ts, xid) without building a message (hot path)."""
     if len(buf) != 21 or buf[0] != 0x42:
-        raise _fail(buf, "Begin", 0, "'B', Int64 final LSN, Int64 commit time, Int32 xid (21 bytes)")
+        raise _fail(
+            buf, "Begin", 0, "'B', Int64 final LSN, Int64 commit time, Int32 xid (21 bytes)"
+        )
     return _BEGIN.unpack_from(buf, 1)
 
 
 def unpack_commit(buf: bytes) -> tuple[int, int, int, int]:
     """Commit bytes -> (flags, commit_lsn, end_lsn, commit_ts) without building a message."""
     if len(buf) != 26 or buf[0] != 0x43:
-        raise _fail(buf, "Commit", 0, "'C', Int8 flags, Int64 commit LSN, Int64 end LSN, Int64 commit time (26 bytes)")
+        raise _fail(
+            buf,
+            "Commit",
+            0,
+            "'C', Int8 flags, Int64 commit LSN, Int64 end LSN, Int64 commit time (26 bytes)",
+        )
     return _COMMIT.unpack_from(buf, 1)
 
 
 def _begin(buf: bytes) -> Begin:
-    final_lsn, ts, xid = _fixed(buf, _BEGIN, "Begin", "Int64 final LSN, Int64 commit time, Int32 xid")
+    final_lsn, ts, xid = _fixed(
+        buf, _BEGIN, "Begin", "Int64 final LSN, Int64 commit time, Int32 xid"
+    )
     return Begin(final_lsn, ts, xid)
 
 
 def _commit(buf: bytes) -> Commit:
-    flags, lsn, end, ts = _fixed(buf, _COMMIT, "Commit", "Int8 flags, Int64 commit LSN, Int64 end LSN, Int64 commit time")
+    flags, lsn, end, ts = _fixed(
+        buf, _COMMIT, "Commit", "Int8 flags, Int64 commit LSN, Int64 end LSN, Int64 commit time"
+    )
     return Commit(flags, lsn, end, ts)
 
 
@@ -519,18 +540,24 @@ def _stream_start(buf: bytes) -> StreamStart:
 
 def _stream_commit(buf: bytes) -> StreamCommit:
     xid, flags, lsn, end, ts = _fixed(
-        buf, _STREAM_COMMIT, "Stream Commit",
+        buf,
+        _STREAM_COMMIT,
+        "Stream Commit",
         "Int32 xid, Int8 flags, Int64 commit LSN, Int64 end LSN, Int64 commit time",
     )
     return StreamCommit(xid, flags, lsn, end, ts)
 
 
 def _stream_abort(buf: bytes) -> StreamAbort:
-    xid, subxid = _fixed(buf, _STREAM_ABORT, "Stream Abort", "Int32 xid and Int32 subtransaction xid")
+    xid, subxid = _fixed(
+        buf, _STREAM_ABORT, "Stream Abort", "Int32 xid and Int32 subtransaction xid"
+    )
     return StreamAbort(xid, subxid)
 
 
-def decode_message(data: bytes | bytearray | memoryview, *, in_stream: bool = False) -> PgOutputMessage:
+def decode_message(
+    data: bytes | bytearray | memoryview, *, in_stream: bool = False
+) -> PgOutputMessage:
     """Decode one pgoutput message (the payload of one XLogData).
 
     ``in_stream`` says whether we are between Stream Start and Stream Stop: only
@@ -680,7 +707,12 @@ def _row(buf: bytes, pos: int, kind: str, spec: RowSpec) -> Row:
                     unconverted = []
                 unconverted.append(name)
             else:
-                raise _fail(buf, kind, pos, f"column kind 'n', 'u', 't' or 'b' for column {done}, got {k:#04x}")
+                raise _fail(
+                    buf,
+                    kind,
+                    pos,
+                    f"column kind 'n', 'u', 't' or 'b' for column {done}, got {k:#04x}",
+                )
             done += 1
     except (IndexError, struct.error):
         pass
@@ -704,7 +736,9 @@ def decode_row_change(
         raise _fail(data, "row change", 0, "'I', 'U' or 'D'")
     pos = 9 if in_stream else 5
     if len(data) <= pos:
-        raise _fail(data, kind, 1, "Int32 xid and Int32 relation id" if in_stream else "Int32 relation id")
+        raise _fail(
+            data, kind, 1, "Int32 xid and Int32 relation id" if in_stream else "Int32 relation id"
+        )
     rel = _U32(data, pos - 4)[0]
     spec = spec_for(rel)
     k = data[pos]
@@ -767,12 +801,31 @@ def _cstr(s: str) -> bytes:
 def encode_message(msg: PgOutputMessage) -> bytes:
     """Message -> the bytes pgoutput would send (xid fields only when set)."""
     if isinstance(msg, Insert):
-        return b"I" + _enc_xid(msg.xid) + struct.pack(">I", msg.relation_id) + b"N" + _enc_tuple(msg.new)
+        return (
+            b"I"
+            + _enc_xid(msg.xid)
+            + struct.pack(">I", msg.relation_id)
+            + b"N"
+            + _enc_tuple(msg.new)
+        )
     if isinstance(msg, Update):
         old = b"" if msg.old is None else (msg.old_kind or "O").encode() + _enc_tuple(msg.old)
-        return b"U" + _enc_xid(msg.xid) + struct.pack(">I", msg.relation_id) + old + b"N" + _enc_tuple(msg.new)
+        return (
+            b"U"
+            + _enc_xid(msg.xid)
+            + struct.pack(">I", msg.relation_id)
+            + old
+            + b"N"
+            + _enc_tuple(msg.new)
+        )
     if isinstance(msg, Delete):
-        return b"D" + _enc_xid(msg.xid) + struct.pack(">I", msg.relation_id) + msg.old_kind.encode() + _enc_tuple(msg.old)
+        return (
+            b"D"
+            + _enc_xid(msg.xid)
+            + struct.pack(">I", msg.relation_id)
+            + msg.old_kind.encode()
+            + _enc_tuple(msg.old)
+        )
     if isinstance(msg, Begin):
         return b"B" + _BEGIN.pack(msg.final_lsn, msg.commit_ts, msg.xid)
     if isinstance(msg, Commit):
@@ -789,7 +842,13 @@ def encode_message(msg: PgOutputMessage) -> bytes:
             + _cstr(msg.name) + msg.replica_identity.encode() + struct.pack(">H", len(msg.columns)) + cols
         )  # fmt: skip
     if isinstance(msg, Type):
-        return b"Y" + _enc_xid(msg.xid) + struct.pack(">I", msg.type_oid) + _cstr(msg.namespace) + _cstr(msg.name)
+        return (
+            b"Y"
+            + _enc_xid(msg.xid)
+            + struct.pack(">I", msg.type_oid)
+            + _cstr(msg.namespace)
+            + _cstr(msg.name)
+        )
     if isinstance(msg, Truncate):
         n = len(msg.relation_ids)
         return b"T" + _enc_xid(msg.xid) + struct.pack(f">IB{n}I", n, msg.options, *msg.relation_ids)
@@ -803,7 +862,9 @@ def encode_message(msg: PgOutputMessage) -> bytes:
     if isinstance(msg, StreamStop):
         return b"E"
     if isinstance(msg, StreamCommit):
-        return b"c" + _STREAM_COMMIT.pack(msg.xid, msg.flags, msg.commit_lsn, msg.end_lsn, msg.commit_ts)
+        return b"c" + _STREAM_COMMIT.pack(
+            msg.xid, msg.flags, msg.commit_lsn, msg.end_lsn, msg.commit_ts
+        )
     if isinstance(msg, StreamAbort):
         return b"A" + _STREAM_ABORT.pack(msg.xid, msg.subxid)
     raise TypeError(f"not a pgoutput message: {msg!r}")

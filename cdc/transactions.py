@@ -156,7 +156,9 @@ class TransactionAssembler:
     uncommitted transaction from its start).
     """
 
-    def __init__(self, spool_dir: str | os.PathLike[str], builder: ChangeBuilder | None = None) -> None:
+    def __init__(
+        self, spool_dir: str | os.PathLike[str], builder: ChangeBuilder | None = None
+    ) -> None:
         self.spool_dir = Path(spool_dir)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.spool_dir.glob("xid-*.spool"):
@@ -207,11 +209,17 @@ class TransactionAssembler:
                 )
             seq = self._seq
             self._seq = seq + 1
-            return (self.builder.change(payload, wal_lsn, self._commit_lsn, self._xid, seq, self._ts_ms),)
+            return (
+                self.builder.change(
+                    payload, wal_lsn, self._commit_lsn, self._xid, seq, self._ts_ms
+                ),
+            )
         if t == 0x42:  # Begin
             final_lsn, commit_ts, xid = unpack_begin(payload)
             if self._in_tx:
-                raise PgOutputError(f"Begin of xid {xid} inside transaction {self._xid}: expected Commit")
+                raise PgOutputError(
+                    f"Begin of xid {xid} inside transaction {self._xid}: expected Commit"
+                )
             self._in_tx = True
             self._xid, self._commit_lsn = xid, final_lsn
             self._ts_ms = ts_ms = (commit_ts + PG_EPOCH_UNIX_US) // 1000
@@ -232,12 +240,24 @@ class TransactionAssembler:
             self.builder.add_type(msg)
             return _NONE
         if isinstance(msg, Truncate):
-            changes = self.builder.truncate(msg, wal_lsn, self._commit_lsn, self._xid, self._seq, self._ts_ms)
+            changes = self.builder.truncate(
+                msg, wal_lsn, self._commit_lsn, self._xid, self._seq, self._ts_ms
+            )
             self._seq += len(changes)
             return changes
         if isinstance(msg, Message):
             if msg.transactional and self._in_tx:
-                return (LogicalMessage(msg.prefix, msg.content, msg.lsn, True, self._xid, self._commit_lsn, self._ts_ms),)
+                return (
+                    LogicalMessage(
+                        msg.prefix,
+                        msg.content,
+                        msg.lsn,
+                        True,
+                        self._xid,
+                        self._commit_lsn,
+                        self._ts_ms,
+                    ),
+                )
             return (LogicalMessage(msg.prefix, msg.content, msg.lsn, msg.transactional, 0, 0, 0),)
         if isinstance(msg, StreamStart):
             return self._stream_start(msg)
@@ -309,7 +329,9 @@ class TransactionAssembler:
                 b = self.builder
                 for wal_lsn, payload in _records(spool.path):
                     if payload[0] in _ROW_TYPES:
-                        yield b.change(payload, wal_lsn, msg.commit_lsn, msg.xid, seq, ts_ms, in_stream=True)
+                        yield b.change(
+                            payload, wal_lsn, msg.commit_lsn, msg.xid, seq, ts_ms, in_stream=True
+                        )
                         seq += 1
                         continue
                     m = decode_message(payload, in_stream=True)
@@ -322,7 +344,9 @@ class TransactionAssembler:
                         seq += len(changes)
                         yield from changes
                     elif isinstance(m, Message):
-                        yield LogicalMessage(m.prefix, m.content, m.lsn, True, msg.xid, msg.commit_lsn, ts_ms)
+                        yield LogicalMessage(
+                            m.prefix, m.content, m.lsn, True, msg.xid, msg.commit_lsn, ts_ms
+                        )
             finally:
                 spool.path.unlink(missing_ok=True)
         self.last_end_lsn = msg.end_lsn

@@ -173,7 +173,9 @@ def _timestamptz(s: str) -> str:
     if offset == 0:
         return f"{year_s}-{mon}-{day}T{hh}:{mi}:{ss}{frac or ''}Z"
     # datetime covers years 1..9999, which is where non-UTC offsets can occur.
-    dt = datetime(int(year_s), int(mon), int(day), int(hh), int(mi), int(ss)) - timedelta(seconds=offset)
+    dt = datetime(int(year_s), int(mon), int(day), int(hh), int(mi), int(ss)) - timedelta(
+        seconds=offset
+    )
     return (
         f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}"
         f"{frac or ''}Z"
@@ -234,7 +236,7 @@ def _bytea_escape(s: str) -> bytes:
         else:
             octal = s[i + 1 : i + 4]
             if len(octal) != 3 or not all(ch in "01234567" for ch in octal):
-                raise ValueError(f"bad bytea escape at {i}: {s[i:i + 4]!r}")
+                raise ValueError(f"bad bytea escape at {i}: {s[i : i + 4]!r}")
             out.append(int(octal, 8))
             i += 4
     return bytes(out)
@@ -247,7 +249,9 @@ def _json(s: str | bytes) -> Any:
 # --------------------------------------------------------------- arrays
 
 # Whitespace as array_in/array_out see it (array_isspace), not Python's wider \s.
-_ARRAY_TOKEN: Final = re.compile(r'"((?:[^"\\]|\\.)*)"|([^,{}" \t\n\r\v\f]+)|([{}])|(,)|([ \t\n\r\v\f]+)', re.S)
+_ARRAY_TOKEN: Final = re.compile(
+    r'"((?:[^"\\]|\\.)*)"|([^,{}" \t\n\r\v\f]+)|([{}])|(,)|([ \t\n\r\v\f]+)', re.S
+)
 _UNESCAPE: Final = re.compile(r"\\(.)", re.S)
 
 
@@ -276,7 +280,9 @@ def parse_array(s: str, element: TextConverter) -> list[Any]:
         quoted, bare, brace, comma, _space = m.groups()
         if result is not None:
             if _space is None:
-                raise ValueError(f"text after the end of the array literal: {s[m.start():][:40]!r}")
+                raise ValueError(
+                    f"text after the end of the array literal: {s[m.start() :][:40]!r}"
+                )
             continue
         if brace == "{":
             if not expect_item:
@@ -376,6 +382,7 @@ ARRAY_ELEMENT: Final[dict[int, int]] = {
     3221: 3220,  # pg_lsn[]
 }
 
+
 def _timestamptz_bytes(raw: bytes) -> str:
     s = raw.decode()
     # the common case under TimeZone=UTC, inline: 2026-11-26 06:39:58.5+00
@@ -421,7 +428,9 @@ def _array_of(element: TextConverter) -> Converter:
     return converter
 
 
-def converter_for(type_oid: int, type_modifier: int = -1, type_name: str | None = None) -> Converter:
+def converter_for(
+    type_oid: int, type_modifier: int = -1, type_name: str | None = None
+) -> Converter:
     """The converter for one column, chosen once per Relation column.
 
     ``type_name`` is the name from a pgoutput Type message, which the server

@@ -75,9 +75,9 @@ class LogicalSlot:
         args = sql.SQL(", ").join(
             sql.SQL("{}, {}").format(sql.Literal(k), sql.Literal(v)) for k, v in opts.items()
         )
-        query = sql.SQL(
-            "SELECT lsn::text, data FROM {}({}, NULL, NULL, {})"
-        ).format(sql.Identifier(func), sql.Literal(self.slot), args)
+        query = sql.SQL("SELECT lsn::text, data FROM {}({}, NULL, NULL, {})").format(
+            sql.Identifier(func), sql.Literal(self.slot), args
+        )
         with self.conn.transaction():
             for name, value in (session or {}).items():
                 self.conn.execute("SELECT set_config(%s, %s, true)", (name, value))
@@ -98,7 +98,9 @@ class LogicalSlot:
 
 
 @contextlib.contextmanager
-def open_logical_slot(dsn: str, tables: list[str] | None = None, **options: str) -> Iterator[LogicalSlot]:
+def open_logical_slot(
+    dsn: str, tables: list[str] | None = None, **options: str
+) -> Iterator[LogicalSlot]:
     """A pgoutput slot and a publication of ``tables`` ("schema.table" or "table"; None: all
     tables), with unique names; both dropped on exit."""
     slot = unique_name("dec_slot")
@@ -127,7 +129,9 @@ def open_logical_slot(dsn: str, tables: list[str] | None = None, **options: str)
 def open_slot(cdc_test_dsn: str) -> Callable[..., contextlib.AbstractContextManager[LogicalSlot]]:
     """``with open_slot(tables, **options) as slot:`` - open_logical_slot bound to ``cdc_test``."""
 
-    def opener(tables: list[str] | None = None, **options: str) -> contextlib.AbstractContextManager[LogicalSlot]:
+    def opener(
+        tables: list[str] | None = None, **options: str
+    ) -> contextlib.AbstractContextManager[LogicalSlot]:
         return open_logical_slot(cdc_test_dsn, tables, **options)
 
     return opener

@@ -99,7 +99,12 @@ ALL_MESSAGES: list[tuple[Any, bool]] = [
     (Begin(1, 2, 3), False),
     (Commit(0, 10, 20, 30), False),
     (Origin(5, "upstream"), False),
-    (Relation(None, 1, "public", "t", "f", (Column(1, "id", 23, -1), Column(0, "n", 1700, 786438))), False),
+    (
+        Relation(
+            None, 1, "public", "t", "f", (Column(1, "id", 23, -1), Column(0, "n", 1700, 786438))
+        ),
+        False,
+    ),
     (Relation(9, 1, "", "t", "d", ()), True),
     (Type(None, 50000, "public", "mood"), False),
     (Type(9, 50001, "public", "_mood"), True),
@@ -131,7 +136,9 @@ def test_two_phase_messages_are_named_in_the_error() -> None:
 
 
 def test_unknown_message_type_is_named() -> None:
-    with pytest.raises(PgOutputError, match=r"unknown pgoutput message type 0x5a \('Z'\) at offset 0"):
+    with pytest.raises(
+        PgOutputError, match=r"unknown pgoutput message type 0x5a \('Z'\) at offset 0"
+    ):
         decode_message(b"Z")
 
 
@@ -140,15 +147,39 @@ def test_unknown_message_type_is_named() -> None:
     [
         (b"", "empty pgoutput message"),
         (b"B" + bytes(19), "Begin message: expected Int64 final LSN"),
-        (b"I" + struct.pack(">I", 1) + b"X", "Insert message: expected 'N' \\(new tuple\\) at offset 5"),
-        (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">H", 2) + b"n", "column 1 of 2 in TupleData"),
-        (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">H", 1) + b"t" + struct.pack(">I", 9) + b"ab", "column 0 of 1"),
-        (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">H", 1) + b"x", "column kind .* got 0x78"),
-        (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">H", 0) + b"junk", "end of the message \\(4 bytes left over\\)"),
+        (
+            b"I" + struct.pack(">I", 1) + b"X",
+            "Insert message: expected 'N' \\(new tuple\\) at offset 5",
+        ),
+        (
+            b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">H", 2) + b"n",
+            "column 1 of 2 in TupleData",
+        ),
+        (
+            b"I"
+            + struct.pack(">I", 1)
+            + b"N"
+            + struct.pack(">H", 1)
+            + b"t"
+            + struct.pack(">I", 9)
+            + b"ab",
+            "column 0 of 1",
+        ),
+        (
+            b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">H", 1) + b"x",
+            "column kind .* got 0x78",
+        ),
+        (
+            b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">H", 0) + b"junk",
+            "end of the message \\(4 bytes left over\\)",
+        ),
         (b"R" + struct.pack(">I", 1) + b"public", "NUL-terminated namespace"),
         (b"D" + struct.pack(">I", 1) + b"N", "'K' \\(old key\\) or 'O' \\(old tuple\\)"),
         (b"T" + struct.pack(">IB", 100, 0), "100 Int32 relation ids"),
-        (b"M" + struct.pack(">BQ", 1, 5) + b"p\x00" + struct.pack(">I", 10) + b"short", "10 bytes of content"),
+        (
+            b"M" + struct.pack(">BQ", 1, 5) + b"p\x00" + struct.pack(">I", 10) + b"short",
+            "10 bytes of content",
+        ),
     ],
 )
 def test_malformed_messages_say_what_was_expected_where(raw: bytes, expected: str) -> None:

@@ -74,7 +74,9 @@ class Recording:
             "scenario": self.scenario,
             "sql": self.sql,
             "notes": self.notes,
-            "messages": [[format_lsn(lsn), base64.b64encode(m).decode()] for lsn, m in self.messages],
+            "messages": [
+                [format_lsn(lsn), base64.b64encode(m).decode()] for lsn, m in self.messages
+            ],
             "alt_session": self.alt_session,
             "alt_messages": [
                 [format_lsn(lsn), base64.b64encode(m).decode()] for lsn, m in self.alt_messages
@@ -233,9 +235,7 @@ def record_stream(dsn: str, open_logical_slot: OpenSlot) -> Recording:
     rows = STREAM_ROWS
 
     def fill(first: int) -> str:
-        return (
-            f"INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series({first}, {first + rows - 1}) g"
-        )
+        return f"INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series({first}, {first + rows - 1}) g"
 
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
@@ -278,7 +278,11 @@ def record_stream(dsn: str, open_logical_slot: OpenSlot) -> Recording:
                     a(fill(51001))
                     b(fill(61001))
                     small = Session(admin, rec, "C")
-                    small(sql.SQL("INSERT INTO {}.small VALUES (1)").format(sql.Identifier(schema)).as_string(admin))
+                    small(
+                        sql.SQL("INSERT INTO {}.small VALUES (1)")
+                        .format(sql.Identifier(schema))
+                        .as_string(admin)
+                    )
                     b("COMMIT")
                     a("COMMIT")
                     rec.messages = slot.peek(logical_decoding_work_mem="64kB", **DECODING_SESSION)
@@ -334,7 +338,9 @@ def flat(per_message: list[list[AssembledItem]]) -> list[AssembledItem]:
     return [item for items in per_message for item in items]
 
 
-def transactions(items: list[AssembledItem]) -> list[tuple[TransactionStart, list[AssembledItem], TransactionEnd]]:
+def transactions(
+    items: list[AssembledItem],
+) -> list[tuple[TransactionStart, list[AssembledItem], TransactionEnd]]:
     out = []
     start: TransactionStart | None = None
     body: list[AssembledItem] = []
@@ -357,7 +363,9 @@ def changes_of(items: list[AssembledItem], table: str) -> list[RowChange]:
 # ------------------------------------------------------------------ dml
 
 
-def test_every_message_type_of_ordinary_transactions_decodes(recording: Callable[[str], Recording]) -> None:
+def test_every_message_type_of_ordinary_transactions_decodes(
+    recording: Callable[[str], Recording],
+) -> None:
     kinds = {type(m) for m in decode_all(recording("dml").messages)}
     assert kinds == {Begin, Commit, Relation, Insert, Update, Delete, Truncate, Message, Origin}
 
@@ -401,11 +409,18 @@ def test_update_leaves_unchanged_toast_out_and_names_it(
     assert change.unavailable == ("note",) and change.before is None
 
 
-def test_update_of_the_key_sends_the_old_key(recording: Callable[[str], Recording], tmp_path: Path) -> None:
+def test_update_of_the_key_sends_the_old_key(
+    recording: Callable[[str], Recording], tmp_path: Path
+) -> None:
     update = [m for m in decode_all(recording("dml").messages) if isinstance(m, Update)][1]
     assert update.old_kind == "K" and update.old == (b"2", None, None, None)
     change = changes_of(flat(assemble(recording("dml").messages, tmp_path)), "items")[3]
-    assert change.before == {"id": 2} and change.after == {"id": 3, "name": "b", "qty": None, "note": None}
+    assert change.before == {"id": 2} and change.after == {
+        "id": 3,
+        "name": "b",
+        "qty": None,
+        "note": None,
+    }
     assert change.key == ("id",)
 
 
@@ -419,18 +434,25 @@ def test_delete_sends_the_old_key(recording: Callable[[str], Recording], tmp_pat
 def test_replica_identity_full_sends_the_whole_old_row(
     recording: Callable[[str], Recording], tmp_path: Path
 ) -> None:
-    ops = [(c.op, c.before, c.after, c.key) for c in changes_of(flat(assemble(recording("dml").messages, tmp_path)), "fullrow")]
+    ops = [
+        (c.op, c.before, c.after, c.key)
+        for c in changes_of(flat(assemble(recording("dml").messages, tmp_path)), "fullrow")
+    ]
     # REPLICA IDENTITY FULL flags every column as part of the key
     assert ops == [
         ("c", None, {"id": 1, "v": "x"}, ("id", "v")),
         ("u", {"id": 1, "v": "x"}, {"id": 1, "v": "y"}, ("id", "v")),
         ("d", {"id": 1, "v": "y"}, None, ("id", "v")),
     ]
-    old_kinds = [m.old_kind for m in decode_all(recording("dml").messages) if isinstance(m, (Update, Delete))]
+    old_kinds = [
+        m.old_kind for m in decode_all(recording("dml").messages) if isinstance(m, (Update, Delete))
+    ]
     assert old_kinds == [None, "K", "K", "O", "O", None]
 
 
-def test_logical_messages_transactional_and_not(recording: Callable[[str], Recording], tmp_path: Path) -> None:
+def test_logical_messages_transactional_and_not(
+    recording: Callable[[str], Recording], tmp_path: Path
+) -> None:
     msgs = [m for m in decode_all(recording("dml").messages) if isinstance(m, Message)]
     assert [(m.transactional, m.prefix, m.content, m.xid) for m in msgs] == [
         (True, "dec", b"in-tx", None),
@@ -448,19 +470,31 @@ def test_logical_messages_transactional_and_not(recording: Callable[[str], Recor
     assert [(o.content, o.txid) for o in outside] == [(b"outside", 0)]
 
 
-def test_schema_changes_mid_stream_are_honoured(recording: Callable[[str], Recording], tmp_path: Path) -> None:
+def test_schema_changes_mid_stream_are_honoured(
+    recording: Callable[[str], Recording], tmp_path: Path
+) -> None:
     items = changes_of(flat(assemble(recording("dml").messages, tmp_path)), "items")
     after = {c.after["id"]: c.after for c in items if c.after}
     assert after[5] == {"id": 5, "name": "e", "qty": 5, "note": None, "extra": "1.5"}
     assert after[6] == {"id": 6, "name": "f", "note": None, "extra": "now text"}
-    relations = [m for m in decode_all(recording("dml").messages) if isinstance(m, Relation) and m.name == "items"]
+    relations = [
+        m
+        for m in decode_all(recording("dml").messages)
+        if isinstance(m, Relation) and m.name == "items"
+    ]
     assert [c.type_oid for c in relations[-1].columns if c.name == "extra"] == [25]
 
 
-def test_truncate_lists_relations_and_options(recording: Callable[[str], Recording], tmp_path: Path) -> None:
+def test_truncate_lists_relations_and_options(
+    recording: Callable[[str], Recording], tmp_path: Path
+) -> None:
     truncate = next(m for m in decode_all(recording("dml").messages) if isinstance(m, Truncate))
     assert truncate.cascade and truncate.restart_identity and len(truncate.relation_ids) == 2
-    changes = [i for i in flat(assemble(recording("dml").messages, tmp_path)) if isinstance(i, RowChange) and i.op == "t"]
+    changes = [
+        i
+        for i in flat(assemble(recording("dml").messages, tmp_path))
+        if isinstance(i, RowChange) and i.op == "t"
+    ]
     assert sorted(c.table for c in changes) == ["child", "parent"]
     assert [c.seq for c in changes] == [0, 1]
 
@@ -471,12 +505,18 @@ def test_origin_message_names_the_origin(recording: Callable[[str], Recording]) 
     assert origin.name == rec.notes["origin"] and origin.commit_lsn == parse_lsn("1/2")
 
 
-def test_changes_are_stamped_with_their_transaction(recording: Callable[[str], Recording], tmp_path: Path) -> None:
+def test_changes_are_stamped_with_their_transaction(
+    recording: Callable[[str], Recording], tmp_path: Path
+) -> None:
     for start, body, end in transactions(flat(assemble(recording("dml").messages, tmp_path))):
         changes = [c for c in body if isinstance(c, RowChange)]
         assert [c.seq for c in changes] == list(range(len(changes))) == list(range(end.changes))
         for c in changes:
-            assert (c.txid, c.commit_lsn, c.commit_ts_ms) == (start.xid, start.commit_lsn, start.commit_ts_ms)
+            assert (c.txid, c.commit_lsn, c.commit_ts_ms) == (
+                start.xid,
+                start.commit_lsn,
+                start.commit_ts_ms,
+            )
             assert c.snapshot is None
         assert end.commit_lsn == start.commit_lsn and not start.streamed
 
@@ -484,7 +524,9 @@ def test_changes_are_stamped_with_their_transaction(recording: Callable[[str], R
 # ------------------------------------------------------------------ value types
 
 
-@pytest.mark.parametrize("case", range(len(VALUE_CASES["cases"])), ids=lambda i: VALUE_CASES["cases"][i]["type"])
+@pytest.mark.parametrize(
+    "case", range(len(VALUE_CASES["cases"])), ids=lambda i: VALUE_CASES["cases"][i]["type"]
+)
 def test_value_type_decodes_to_json_ready_value(
     recording: Callable[[str], Recording], tmp_path: Path, case: int
 ) -> None:
@@ -517,7 +559,9 @@ def test_user_types_are_announced_by_type_messages(recording: Callable[[str], Re
 # ------------------------------------------------------------------ streaming (v2)
 
 
-def test_streamed_transactions_use_the_stream_messages(recording: Callable[[str], Recording]) -> None:
+def test_streamed_transactions_use_the_stream_messages(
+    recording: Callable[[str], Recording],
+) -> None:
     msgs = decode_all(recording("stream").messages)
     kinds = {type(m) for m in msgs}
     assert {StreamStart, StreamStop, StreamCommit, StreamAbort, Insert, Relation, Message} <= kinds
@@ -548,7 +592,9 @@ def test_streamed_transaction_is_emitted_only_at_stream_commit(
     assert len(big) == 1
     start, body, end = big[0]
     rows = [c for c in body if isinstance(c, RowChange)]
-    assert start.streamed and [c.after["id"] for c in rows if c.after] == list(range(1, STREAM_ROWS + 1))
+    assert start.streamed and [c.after["id"] for c in rows if c.after] == list(
+        range(1, STREAM_ROWS + 1)
+    )
     assert [c.seq for c in rows] == list(range(STREAM_ROWS)) and end.changes == STREAM_ROWS
     assert all((c.txid, c.commit_lsn) == (start.xid, start.commit_lsn) for c in rows)
     messages = [i for i in body if isinstance(i, LogicalMessage)]
@@ -563,18 +609,26 @@ def test_rolled_back_subtransaction_of_a_streamed_transaction_is_dropped(
     msgs = decode_all(rec.messages)
     aborts = [m for m in msgs if isinstance(m, StreamAbort)]
     assert any(a.xid == rec.notes["savepoint"] and a.subxid != a.xid for a in aborts)
-    (tx,) = [t for t in transactions(flat(assemble(rec.messages, tmp_path))) if t[0].xid == rec.notes["savepoint"]]
+    (tx,) = [
+        t
+        for t in transactions(flat(assemble(rec.messages, tmp_path)))
+        if t[0].xid == rec.notes["savepoint"]
+    ]
     ids = [c.after["id"] for c in tx[1] if isinstance(c, RowChange) and c.after]
     assert ids == list(range(10001, 10001 + STREAM_ROWS)) + list(range(30001, 30001 + STREAM_ROWS))
 
 
-def test_aborted_streamed_transaction_emits_nothing(recording: Callable[[str], Recording], tmp_path: Path) -> None:
+def test_aborted_streamed_transaction_emits_nothing(
+    recording: Callable[[str], Recording], tmp_path: Path
+) -> None:
     rec = recording("stream")
     aborts = [m for m in decode_all(rec.messages) if isinstance(m, StreamAbort)]
     assert any(a.xid == a.subxid == rec.notes["aborted"] for a in aborts)
     items = flat(assemble(rec.messages, tmp_path))
     assert not [t for t in transactions(items) if t[0].xid == rec.notes["aborted"]]
-    assert not [c for c in items if isinstance(c, RowChange) and c.after and 40001 <= c.after["id"] < 42000]
+    assert not [
+        c for c in items if isinstance(c, RowChange) and c.after and 40001 <= c.after["id"] < 42000
+    ]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -591,10 +645,16 @@ def test_interleaved_streamed_transactions_come_out_whole_in_commit_order(
     assert order.index(rec.notes["first_committed"]) < order.index(rec.notes["first_open"])
     commit_lsns = [t[2].commit_lsn for t in txs]
     assert commit_lsns == sorted(commit_lsns)
-    by_xid = {t[0].xid: [c.after["id"] for c in t[1] if isinstance(c, RowChange) and c.after] for t in txs}
+    by_xid = {
+        t[0].xid: [c.after["id"] for c in t[1] if isinstance(c, RowChange) and c.after] for t in txs
+    }
     n = STREAM_ROWS
-    assert by_xid[rec.notes["first_open"]] == list(range(50001, 50001 + n)) + list(range(51001, 51001 + n))
-    assert by_xid[rec.notes["first_committed"]] == list(range(60001, 60001 + n)) + list(range(61001, 61001 + n))
+    assert by_xid[rec.notes["first_open"]] == list(range(50001, 50001 + n)) + list(
+        range(51001, 51001 + n)
+    )
+    assert by_xid[rec.notes["first_committed"]] == list(range(60001, 60001 + n)) + list(
+        range(61001, 61001 + n)
+    )
     small = [t for t in txs if not t[0].streamed]
     assert len(small) == 1 and by_xid[small[0][0].xid] == [1]
 
@@ -618,12 +678,16 @@ def test_protocol_version_1_decodes_like_version_2(
     cdc_conn.execute("DELETE FROM v WHERE id = 2")
     old = _ordinary_changes(v1.peek(**DECODING_SESSION), tmp_path / "v1")
     new = _ordinary_changes(v2.peek(**DECODING_SESSION), tmp_path / "v2")
-    assert [(c.op, c.before, c.after) for c in old] == [(c.op, c.before, c.after) for c in new] == [
-        ("c", None, {"id": 1, "t": "a", "n": "1.5"}),
-        ("c", None, {"id": 2, "t": None, "n": None}),
-        ("u", None, {"id": 1, "t": "b", "n": "1.5"}),
-        ("d", {"id": 2}, None),
-    ]
+    assert (
+        [(c.op, c.before, c.after) for c in old]
+        == [(c.op, c.before, c.after) for c in new]
+        == [
+            ("c", None, {"id": 1, "t": "a", "n": "1.5"}),
+            ("c", None, {"id": 2, "t": None, "n": None}),
+            ("u", None, {"id": 1, "t": "b", "n": "1.5"}),
+            ("d", {"id": 2}, None),
+        ]
+    )
 
 
 def test_binary_format_values_are_kept_as_base64_and_flagged(

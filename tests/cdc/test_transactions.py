@@ -51,7 +51,11 @@ TS = 848_990_977_000_000  # us since 2000-01-01
 
 
 def relation(xid: int | None = None, *extra: str) -> Relation:
-    cols = (Column(1, "id", 23, -1), Column(0, "name", 25, -1), *(Column(0, c, 25, -1) for c in extra))
+    cols = (
+        Column(1, "id", 23, -1),
+        Column(0, "name", 25, -1),
+        *(Column(0, c, 25, -1) for c in extra),
+    )
     return Relation(xid, REL, "public", "t", "d", cols)
 
 
@@ -167,7 +171,11 @@ def test_streamed_transaction_emits_nothing_before_stream_commit(feed: Feeder) -
     assert feed.stream(500, ins(3, 500)) == []
     assert feed.asm.open_streams == (500,)
     items = feed(StreamCommit(500, 0, 0xA00, 0xA30, TS))
-    assert isinstance(items[0], TransactionStart) and items[0].streamed and items[0].commit_lsn == 0xA00
+    assert (
+        isinstance(items[0], TransactionStart)
+        and items[0].streamed
+        and items[0].commit_lsn == 0xA00
+    )
     assert ids(items) == [1, 2, 3]
     changes = rows(items)
     assert [c.seq for c in changes] == [0, 1, 2]
@@ -195,7 +203,9 @@ def test_interleaved_streamed_transactions_come_out_whole_in_commit_order(feed: 
     second = feed(StreamCommit(600, 0, 0xA00, 0xA30, TS))
     first = feed(StreamCommit(500, 0, 0xB00, 0xB30, TS))
     assert ids(second) == [10, 11] and ids(first) == [1, 2]
-    ends = [items[-1] for m, items in feed.per_feed if items and isinstance(items[-1], TransactionEnd)]
+    ends = [
+        items[-1] for m, items in feed.per_feed if items and isinstance(items[-1], TransactionEnd)
+    ]
     assert [e.xid for e in ends] == [550, 600, 500]
 
 
@@ -223,7 +233,9 @@ def test_stream_abort_of_a_later_subtransaction_keeps_the_earlier_one(feed: Feed
     assert ids(feed(StreamCommit(500, 0, 0xA00, 0xA30, TS))) == [1, 5]
 
 
-def test_schema_sent_inside_a_rolled_back_subtransaction_still_describes_later_rows(tmp_path: Path) -> None:
+def test_schema_sent_inside_a_rolled_back_subtransaction_still_describes_later_rows(
+    tmp_path: Path,
+) -> None:
     f = Feeder(tmp_path)  # no Relation known before the stream
     f.stream(500, relation(501), ins(1, 501), first=True)
     f(StreamAbort(500, 501))
@@ -240,7 +252,14 @@ def test_relation_from_an_aborted_stream_is_not_applied(feed: Feeder) -> None:
 
 
 def test_logical_message_and_truncate_inside_a_stream(feed: Feeder) -> None:
-    feed.stream(500, relation(500), ins(1, 500), Message(500, True, 0x990, "p", b"m"), Truncate(500, 0, (REL,)), first=True)
+    feed.stream(
+        500,
+        relation(500),
+        ins(1, 500),
+        Message(500, True, 0x990, "p", b"m"),
+        Truncate(500, 0, (REL,)),
+        first=True,
+    )
     items = feed(StreamCommit(500, 0, 0xA00, 0xA30, TS))
     body = items[1:-1]
     assert isinstance(body[1], LogicalMessage) and body[1].txid == 500
@@ -285,7 +304,9 @@ def test_single_pass_and_message_decoding_agree_on_recorded_changes() -> None:
                 fast.add_relation(msg)
                 slow.add_relation(msg)
             elif isinstance(msg, (Insert, Update, Delete)):
-                method: Any = {Insert: slow.insert, Update: slow.update, Delete: slow.delete}[type(msg)]
+                method: Any = {Insert: slow.insert, Update: slow.update, Delete: slow.delete}[
+                    type(msg)
+                ]
                 assert fast.change(raw, lsn, 1, 2, 3, 4) == method(msg, lsn, 1, 2, 3, 4)
                 checked += 1
     assert checked > 10
@@ -313,7 +334,9 @@ def test_envelope_is_debezium_shaped() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.data())
-def test_a_corrupted_stream_raises_only_pgoutput_error(tmp_path_factory: pytest.TempPathFactory, data: st.DataObject) -> None:
+def test_a_corrupted_stream_raises_only_pgoutput_error(
+    tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
     messages = _recorded("dml")
     i = data.draw(st.integers(0, len(messages) - 1))
     raw = bytearray(messages[i][1])

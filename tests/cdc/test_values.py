@@ -94,21 +94,33 @@ def test_unknown_types_pass_through_as_text() -> None:
 
 
 def test_user_array_types_named_by_a_type_message_become_lists() -> None:
-    assert conv(99998, '{pending,"it\'s \\"x\\""}', "_order_status") == (["pending", 'it\'s "x"'], True)
+    assert conv(99998, '{pending,"it\'s \\"x\\""}', "_order_status") == (
+        ["pending", 'it\'s "x"'],
+        True,
+    )
     assert conv(99998, "{pending}", "order_status") == ("{pending}", True)
 
 
 def test_array_literal_syntax() -> None:
     text = r'{{1,NULL},{"3","4"}}'
     assert parse_array(text, int) == [[1, None], [3, 4]]
-    assert parse_array(r'{"a\\b","c\"d",null,"NULL",""," x "}', str) == ["a\\b", 'c"d', None, "NULL", "", " x "]
+    assert parse_array(r'{"a\\b","c\"d",null,"NULL",""," x "}', str) == [
+        "a\\b",
+        'c"d',
+        None,
+        "NULL",
+        "",
+        " x ",
+    ]
     assert parse_array("[2:3]={7,8}", int) == [7, 8]
     assert parse_array("[1:1][0:1]={{1,2}}", int) == [[1, 2]]
     assert parse_array("{}", int) == []
     assert parse_array("{{},{}}", int) == [[], []]
 
 
-@pytest.mark.parametrize("text", ["", "{", "}", "{1,,2}", "{1 2}", '{"a}', "{1}x", "[1:2]{1,2}", "{,1}", "{1,}"])
+@pytest.mark.parametrize(
+    "text", ["", "{", "}", "{1,,2}", "{1 2}", '{"a}', "{1}x", "[1:2]{1,2}", "{,1}", "{1,}"]
+)
 def test_malformed_array_literals_are_rejected(text: str) -> None:
     with pytest.raises(ValueError):
         parse_array(text, str)

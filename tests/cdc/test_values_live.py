@@ -49,7 +49,9 @@ def iso_duration(td: dt.timedelta) -> str:
     h, rest = divmod(micro, 3_600_000_000)
     m, rest = divmod(rest, 60_000_000)
     s, us = divmod(rest, 1_000_000)
-    time_part = (f"{h}H" if h else "") + (f"{m}M" if m else "") + (f"{s}{_frac(us)}S" if s or us else "")
+    time_part = (
+        (f"{h}H" if h else "") + (f"{m}M" if m else "") + (f"{s}{_frac(us)}S" if s or us else "")
+    )
     if not out and not time_part:
         return "PT0S"
     return "P" + out + ("T" + time_part if time_part else "")
@@ -60,7 +62,9 @@ def float4(x: float) -> float:
 
 
 # column type, SQL cast, strategy, expected JSON-ready value
-safe_text = st.text(st.characters(exclude_characters="\x00", exclude_categories=["Cs"]), max_size=30)
+safe_text = st.text(
+    st.characters(exclude_characters="\x00", exclude_categories=["Cs"]), max_size=30
+)
 aware = st.datetimes(
     min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30),
     timezones=st.sampled_from([dt.UTC, dt.timezone(dt.timedelta(hours=5, minutes=30)), dt.timezone(dt.timedelta(hours=-8))]),
@@ -97,7 +101,9 @@ COLUMNS: list[tuple[str, st.SearchStrategy[Any], Callable[[Any], Any]]] = [
     ("timestamptz[]", st.lists(aware, max_size=3), lambda v: [iso_timestamp(x.astimezone(dt.UTC).replace(tzinfo=None)) + "Z" for x in v]),
     ("bool[]", st.lists(st.none() | st.booleans(), max_size=4), lambda v: v),
 ]  # fmt: skip
-rows = st.lists(st.tuples(*(st.none() | strategy for _, strategy, _ in COLUMNS)), min_size=1, max_size=8)
+rows = st.lists(
+    st.tuples(*(st.none() | strategy for _, strategy, _ in COLUMNS)), min_size=1, max_size=8
+)
 
 
 def _adapt(type_name: str, value: Any) -> Any:
@@ -153,7 +159,11 @@ def values_slot(values_table: str, logical_slot: Any) -> Any:
 @LIVE
 @given(batch=rows)
 def test_random_rows_decode_to_the_values_inserted(
-    batch: list[tuple[Any, ...]], cdc_conn: psycopg.Connection, values_table: str, values_slot: Any, tmp_path: Path
+    batch: list[tuple[Any, ...]],
+    cdc_conn: psycopg.Connection,
+    values_table: str,
+    values_slot: Any,
+    tmp_path: Path,
 ) -> None:
     slot = values_slot
     schema, table = values_table.split(".")
@@ -162,10 +172,14 @@ def test_random_rows_decode_to_the_values_inserted(
         sql.SQL("{}::{}").format(sql.Placeholder(), sql.SQL(type_name))
         for type_name, _, _ in COLUMNS
     )
-    insert = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(sql.Identifier(schema, table), names, holders)
+    insert = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+        sql.Identifier(schema, table), names, holders
+    )
     with cdc_conn.transaction():
         for row in batch:
-            cdc_conn.execute(insert, [_adapt(t, v) for (t, _, _), v in zip(COLUMNS, row, strict=True)])
+            cdc_conn.execute(
+                insert, [_adapt(t, v) for (t, _, _), v in zip(COLUMNS, row, strict=True)]
+            )
     changes = _decoded(slot.get(**UTC_SESSION), tmp_path / uuid.uuid4().hex)
     assert len(changes) == len(batch)
     for change, row in zip(changes, batch, strict=True):
@@ -174,8 +188,12 @@ def test_random_rows_decode_to_the_values_inserted(
             _check(type_name, expect, sent, change.after[f"c{i}"])
 
 
-intervals = st.tuples(st.integers(-5000, 5000), st.integers(-50000, 50000), st.integers(-(10**13), 10**13))
-zones = st.sampled_from(["UTC", "Asia/Kathmandu", "America/St_Johns", "Europe/Amsterdam", "Pacific/Chatham"])
+intervals = st.tuples(
+    st.integers(-5000, 5000), st.integers(-50000, 50000), st.integers(-(10**13), 10**13)
+)
+zones = st.sampled_from(
+    ["UTC", "Asia/Kathmandu", "America/St_Johns", "Europe/Amsterdam", "Pacific/Chatham"]
+)
 
 
 @pytest.fixture
@@ -205,7 +223,9 @@ def test_server_session_styles_do_not_change_the_decoded_values(
     with cdc_conn.transaction():
         for (months, days, micros), ts in values:
             cdc_conn.execute(
-                sql.SQL("INSERT INTO {} (i, t) VALUES (make_interval(months => %s, days => %s) + %s * interval '1 microsecond', %s)").format(table),
+                sql.SQL(
+                    "INSERT INTO {} (i, t) VALUES (make_interval(months => %s, days => %s) + %s * interval '1 microsecond', %s)"
+                ).format(table),
                 (months, days, micros, ts),
             )
     other = _decoded(
