@@ -12,7 +12,6 @@ import binascii
 from dataclasses import dataclass
 from typing import Any, Final
 
-from cdc.lsn import format_lsn
 from cdc.pgoutput import (
     UNCHANGED_TOAST,
     Delete,
@@ -52,17 +51,12 @@ class RowChange:
 
     def envelope(self) -> dict[str, Any]:
         """The Debezium-style change envelope that goes into an event's ``changes``."""
-        env: dict[str, Any] = {
-            "op": self.op,
-            "before": self.before,
-            "after": self.after,
-            "unavailable": list(self.unavailable),
-        }
-        if self.unconverted:
-            env["unconverted"] = list(self.unconverted)
-        env["source"] = {
-            "lsn": format_lsn(self.lsn),
-            "commit_lsn": format_lsn(self.commit_lsn),
+        # Built once per published change: LSNs are formatted inline (as format_lsn
+        # does, without its range check: they come from the server).
+        lsn, commit_lsn = self.lsn, self.commit_lsn
+        source = {
+            "lsn": f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}",
+            "commit_lsn": f"{commit_lsn >> 32:X}/{commit_lsn & 0xFFFFFFFF:X}",
             "txid": self.txid,
             "seq": self.seq,
             "schema": self.schema,
@@ -70,7 +64,22 @@ class RowChange:
             "snapshot": self.snapshot,
             "ts_ms": self.commit_ts_ms,
         }
-        return env
+        if self.unconverted:
+            return {
+                "op": self.op,
+                "before": self.before,
+                "after": self.after,
+                "unavailable": list(self.unavailable),
+                "unconverted": list(self.unconverted),
+                "source": source,
+            }
+        return {
+            "op": self.op,
+            "before": self.before,
+            "after": self.after,
+            "unavailable": list(self.unavailable),
+            "source": source,
+        }
 
 
 class UnknownRelationError(PgOutputError):
