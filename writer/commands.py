@@ -151,7 +151,7 @@ def _database_refusal(exc: psycopg.Error) -> DomainError | None:
 async def _rollback(conn: Conn) -> None:
     if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
         with suppress(psycopg.Error):  # a broken connection: the pool discards it
-            await conn.execute("ROLLBACK")
+            await conn.execute("ROLLBACK", prepare=False)
 
 
 @asynccontextmanager

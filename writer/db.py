@@ -108,7 +108,9 @@ async def open_pool(dsn: str, size: int) -> Pool:
         dsn,
         min_size=size,
         max_size=size,
-        kwargs={"autocommit": True},
+        # psycopg's own automatic preparing stays off: on any ROLLBACK it sends
+        # DEALLOCATE ALL, which would also drop the statements prepared here.
+        kwargs={"autocommit": True, "prepare_threshold": None},
         open=False,
         name="writer",
         configure=prepare,

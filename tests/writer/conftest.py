@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import pytest_asyncio
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from writer import commands as c
@@ -70,9 +71,10 @@ def fresh_database() -> Iterator[Callable[[str], str]]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="session", scope="session")
 async def pool(dsn: str) -> AsyncIterator[Pool]:
-    p = await open_pool(dsn, 2)
+    """One pool for the session (tests using it run in the session's event loop)."""
+    p = await open_pool(dsn, 4)
     try:
         yield p
     finally:
@@ -95,7 +97,7 @@ def unique() -> Callable[[str], str]:
     return make
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="session")
 async def customer(pool: Pool, unique: Callable[[str], str]) -> int:
     result = await c.register_customer(pool, f"{unique('c')}@example.com", "Ada Lovelace")
     return result.id

@@ -37,6 +37,8 @@ CUSTOMER_CASES = [
     ({"bio": "nul\x00byte"}, "bio"),
 ]
 
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
 
 @pytest.mark.parametrize(("override", "field"), CUSTOMER_CASES)
 async def test_register_customer_refuses_bad_input(pool, db, unique, override, field):

@@ -8,17 +8,19 @@ import sys
 from collections import Counter
 
 import pytest
+import pytest_asyncio
 
 from writer.load import LoadConfig, ensure_catalogue, run_load, summary
 from writer.migrate import migrate
 from writer.plan import plan
 
 
-@pytest.fixture(autouse=True)
+@pytest_asyncio.fixture(loop_scope="session", autouse=True)
 async def catalogue(dsn):
     await ensure_catalogue(dsn, seed=1)
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_a_run_of_n_commands_runs_exactly_the_planned_commands(dsn, pool):
     config = LoadConfig(rate=0, duration=0, concurrency=4, seed=5, commands=400)
     stats, _ = await run_load(dsn, config)
@@ -28,6 +30,7 @@ async def test_a_run_of_n_commands_runs_exactly_the_planned_commands(dsn, pool):
     assert not stats.failures, stats.first_failure
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_a_run_moves_orders_through_their_lifecycle(dsn, db):
     before = dict(await db.fetch("SELECT status::text, count(*) FROM orders GROUP BY 1"))
     await run_load(dsn, LoadConfig(concurrency=2, seed=9, commands=300, duration=0))
@@ -36,6 +39,7 @@ async def test_a_run_moves_orders_through_their_lifecycle(dsn, db):
         assert after.get(status, 0) > before.get(status, 0), status
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_a_target_rate_is_not_exceeded(dsn):
     config = LoadConfig(rate=100, duration=1.0, concurrency=4, seed=2)
     stats, elapsed = await run_load(dsn, config)
@@ -43,12 +47,14 @@ async def test_a_target_rate_is_not_exceeded(dsn):
     assert stats.attempted > 50
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_the_duration_ends_the_run(dsn):
     stats, elapsed = await run_load(dsn, LoadConfig(rate=0, duration=0.5, concurrency=2))
     assert 0.5 <= elapsed < 3
     assert stats.attempted > 0
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_the_summary_reports_rate_latency_and_counts(dsn):
     config = LoadConfig(concurrency=2, seed=4, commands=100, duration=0)
     stats, elapsed = await run_load(dsn, config)
@@ -79,6 +85,7 @@ def test_load_on_an_empty_shop_bootstraps_a_catalogue_and_prints_json(fresh_data
     assert "bootstrapped 100 customers and 50 products" in out.stderr
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_the_live_view_shows_rate_latency_and_errors(dsn):
     import io
 

@@ -22,6 +22,8 @@ from writer.errors import (
     SkuTaken,
 )
 
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
 
 async def placed(pool: Any, customer: int, product: int, address: Any, qty: int = 1) -> int:
     return (await c.place_order(pool, customer, [(product, qty)], shipping_address=address)).id
@@ -390,3 +392,24 @@ async def test_concurrent_payments_of_one_order_capture_it_once(
     assert sum(not isinstance(r, BaseException) for r in results) == 1
     assert all(isinstance(r, InvalidOrderState) for r in results if isinstance(r, BaseException))
     assert await db.value("SELECT count(*) FROM payments WHERE order_id = %s", order) == 1
+
+
+async def test_a_refusal_does_not_drop_the_prepared_statements(
+    dsn, customer, make_product, address
+):
+    """psycopg answers a ROLLBACK with DEALLOCATE ALL once it has auto-prepared
+    anything on the connection; the writer's pool must not let it."""
+    from writer.db import open_pool
+
+    product = await make_product(stock=1)
+    one = await open_pool(dsn, 1)
+    try:
+        async with one.connection() as conn:
+            for _ in range(8):  # what other code sharing the pool might do
+                await conn.execute("SELECT 1 WHERE %s", (True,))
+        with pytest.raises(InsufficientStock):
+            await c.place_order(one, customer, [(product, 5)], shipping_address=address)
+        placed_order = await c.place_order(one, customer, [(product, 1)], shipping_address=address)
+    finally:
+        await one.close()
+    assert placed_order.id > 0
