@@ -295,6 +295,9 @@ class TransactionAssembler:
             spool.file.flush()
             self._stream = None
             return _NONE
+        if t == 0x4F:  # Origin: follows the first Stream Start of a replicated-in transaction
+            decode_message(payload)  # validated, nothing to publish
+            return _NONE
         if t not in _STREAMABLE or len(payload) < 5:
             raise PgOutputError(
                 f"unexpected message {payload[:16].hex()} at {wal_lsn:X} inside the stream block "

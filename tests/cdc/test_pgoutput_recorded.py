@@ -700,3 +700,28 @@ def test_binary_format_values_are_kept_as_base64_and_flagged(
     (change,) = _ordinary_changes(slot.peek(**DECODING_SESSION), tmp_path)
     assert change.after == {"id": "AAABAg=="}  # int4 258 in network byte order
     assert change.unconverted == ("id",)
+
+
+def test_streamed_transaction_from_a_replication_origin(
+    cdc_conn: psycopg.Connection, test_schema: str, logical_slot: Callable[..., Any], tmp_path: Path
+) -> None:
+    """pgoutput sends an Origin message inside the first stream block of such a transaction."""
+    cdc_conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(test_schema)))
+    cdc_conn.execute("CREATE TABLE big (id int PRIMARY KEY, pad text)")
+    slot = logical_slot([f"{test_schema}.big"])
+    origin = unique_name("dec_origin")
+    cdc_conn.execute("SELECT pg_replication_origin_create(%s)", (origin,))
+    try:
+        cdc_conn.execute("SELECT pg_replication_origin_session_setup(%s)", (origin,))
+        cdc_conn.execute(
+            f"INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, {STREAM_ROWS}) g"
+        )
+        cdc_conn.execute("SELECT pg_replication_origin_session_reset()")
+    finally:
+        cdc_conn.execute("SELECT pg_replication_origin_drop(%s)", (origin,))
+    messages = slot.peek(logical_decoding_work_mem="64kB", **DECODING_SESSION)
+    decoded = decode_all(messages)
+    first = next(i for i, m in enumerate(decoded) if isinstance(m, StreamStart))
+    assert isinstance(decoded[first + 1], Origin) and decoded[first + 1].name == origin
+    changes = _ordinary_changes(messages, tmp_path)
+    assert [c.after["id"] for c in changes if c.after] == list(range(1, STREAM_ROWS + 1))

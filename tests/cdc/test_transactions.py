@@ -25,6 +25,7 @@ from cdc.pgoutput import (
     Delete,
     Insert,
     Message,
+    Origin,
     PgOutputDecoder,
     PgOutputError,
     PgOutputMessage,
@@ -264,6 +265,13 @@ def test_logical_message_and_truncate_inside_a_stream(feed: Feeder) -> None:
     body = items[1:-1]
     assert isinstance(body[1], LogicalMessage) and body[1].txid == 500
     assert [(c.op, c.seq) for c in rows(body)] == [("c", 0), ("t", 1)]
+
+
+def test_origin_after_stream_start_is_accepted(feed: Feeder) -> None:
+    # pgoutput sends Origin right after the first Stream Start of a transaction
+    # that itself came from a replication origin
+    feed(StreamStart(500, True), Origin(0, "upstream"), relation(500), ins(1, 500), StreamStop())
+    assert ids(feed(StreamCommit(500, 0, 0xA00, 0xA30, TS))) == [1]
 
 
 def test_messages_inside_a_stream_block_must_carry_an_xid(feed: Feeder) -> None:
