@@ -57,7 +57,7 @@ __all__ = [
     "summary",
 ]
 
-# Below these, the load bootstraps a catalogue (see writer.__main__).
+# Below these, ensure_catalogue seeds a small catalogue before a run.
 MIN_CUSTOMERS = 100
 MIN_PRODUCTS = 50
 
