@@ -229,6 +229,9 @@ class StreamCommit:
 class StreamAbort:
     xid: int
     subxid: int  # == xid when the whole transaction aborted
+    # Protocol v4 with streaming=parallel (PostgreSQL 16+) adds these two.
+    abort_lsn: int | None = None
+    abort_ts: int | None = None
 
 
 PgOutputMessage: TypeAlias = (
@@ -261,6 +264,7 @@ _BEGIN = struct.Struct(">QqI")
 _COMMIT = struct.Struct(">BQQq")
 _STREAM_COMMIT = struct.Struct(">IBQQq")
 _STREAM_ABORT = struct.Struct(">II")
+_STREAM_ABORT_V4 = struct.Struct(">IIQq")
 _STREAM_START = struct.Struct(">IB")
 _REL_ID = struct.Struct(">I")
 _XID_REL_ID = struct.Struct(">II")
@@ -549,6 +553,8 @@ def _stream_commit(buf: bytes) -> StreamCommit:
 
 
 def _stream_abort(buf: bytes) -> StreamAbort:
+    if len(buf) == 1 + _STREAM_ABORT_V4.size:
+        return StreamAbort(*_STREAM_ABORT_V4.unpack_from(buf, 1))
     xid, subxid = _fixed(
         buf, _STREAM_ABORT, "Stream Abort", "Int32 xid and Int32 subtransaction xid"
     )
@@ -866,6 +872,10 @@ def encode_message(msg: PgOutputMessage) -> bytes:
             msg.xid, msg.flags, msg.commit_lsn, msg.end_lsn, msg.commit_ts
         )
     if isinstance(msg, StreamAbort):
+        if msg.abort_lsn is not None:
+            return b"A" + _STREAM_ABORT_V4.pack(
+                msg.xid, msg.subxid, msg.abort_lsn, msg.abort_ts or 0
+            )
         return b"A" + _STREAM_ABORT.pack(msg.xid, msg.subxid)
     raise TypeError(f"not a pgoutput message: {msg!r}")
 

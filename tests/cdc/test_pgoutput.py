@@ -122,6 +122,7 @@ ALL_MESSAGES: list[tuple[Any, bool]] = [
     (StreamStop(), False),
     (StreamCommit(9, 0, 100, 200, 300), False),
     (StreamAbort(9, 10), False),
+    (StreamAbort(9, 10, 0x500, 77), False),  # protocol v4 (PostgreSQL 16, streaming=parallel)
 ]
 
 
