@@ -47,6 +47,7 @@ __all__ = [
     "convert",
     "converter_for",
     "parse_array",
+    "raw_text",
 ]
 
 Converter: TypeAlias = Callable[[bytes], Any]
