@@ -697,7 +697,12 @@ class Runtime:
 def build_runtime(settings: Settings) -> Runtime:
     metrics = ProjectionMetrics()
     dlq = DeadLetterQueue(settings.kafka_bootstrap, client_id=f"{settings.app_id}-dlq")
-    client = redis.Redis.from_url(settings.redis_url)
+    # blocking pool: a burst of API reads waits for a connection instead of failing
+    client = redis.Redis(
+        connection_pool=redis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=64, timeout=10
+        )
+    )
     redis_sink = RedisAdapter(client, settings.redis_namespace)
     try:
         ch_sink = ClickHouseAdapter(settings.clickhouse_url)
