@@ -18,6 +18,7 @@ from cdc.capture import Capture, FatalCaptureError
 from cdc.config import ConfigError, Settings, mask_dsn
 from cdc.lsn import format_lsn
 from cdc.metrics import CaptureMetrics
+from cdc.signals import ensure_signal_table, send_snapshot_signal
 from cdc.slot import drop_slot_and_publication, published_tables, read_slot
 from cdc.snapshot_state import SnapshotState
 
@@ -208,6 +209,46 @@ def _topics(settings: Settings) -> list[tuple[str, int, int]]:
     except KafkaException as exc:
         err.print(f"[yellow]cdc: Kafka at {settings.kafka_bootstrap} did not answer: {exc}[/]")
         return []
+
+
+@app.command()
+def snapshot(
+    tables: Annotated[str | None, typer.Option(help="comma-separated tables to read again (default: every published table)")] = None,
+    slot: Annotated[str | None, typer.Option(help="replication slot name")] = None,
+    show: Annotated[bool, typer.Option("--status", help="list incremental snapshots and their progress instead")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="with --status: print JSON")] = False,
+) -> None:
+    """Ask the running capture for an incremental snapshot (DBLog chunks, the stream never pauses)."""
+    settings = _settings(slot=slot)
+    with _connect_or_exit(settings) as conn:
+        ensure_signal_table(conn)
+        if show:
+            rows = conn.execute(
+                """select request_id, array_to_string(tables, ','), table_index, chunks, rows, status,
+                          coalesce(error, ''), created_at, finished_at
+                     from readside_cdc.incremental_snapshots where slot = %s order by created_at""",
+                (settings.slot,),
+            ).fetchall()
+            if json_out:
+                import orjson
+
+                keys = ("request", "tables", "done_tables", "chunks", "rows", "status", "error", "created_at", "finished_at")
+                sys.stdout.write(orjson.dumps([dict(zip(keys, r, strict=True)) for r in rows], option=orjson.OPT_INDENT_2).decode() + "\n")
+                return
+            table = Table("request", "tables", "done tables", "chunks", "rows", "status", "error", "created", "finished")
+            for r in rows:
+                table.add_row(*(("" if v is None else str(v)) for v in r))
+            Console().print(table)
+            return
+        names = [t.strip() for t in (tables or "").split(",") if t.strip()]
+        published = {t.name for t in published_tables(conn, settings)} | {t.qualified for t in published_tables(conn, settings)}
+        unknown = [t for t in names if t not in published]
+        if unknown:
+            err.print(f"[red]cdc: not in publication {settings.publication}:[/] {', '.join(unknown)}")
+            raise typer.Exit(2)
+        request = send_snapshot_signal(conn, settings.slot, names)
+    print(f"incremental snapshot {request} requested for {', '.join(names) or 'every published table'}; "
+          f'"python -m cdc snapshot --status" shows its progress')
 
 
 @app.command()

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 from dataclasses import dataclass
 
 import psycopg
@@ -21,14 +22,17 @@ from cdc.changes import RowChange
 from cdc.checkpointer import Checkpointer, DeliveryFailed, Tx
 from cdc.config import Settings, mask_dsn
 from cdc.events import DomainEvent, encode_event, topic_for
+from cdc.incremental import MARK_PREFIX, parse_mark
 from cdc.lsn import format_lsn
 from cdc.mapping import TransactionMapper
 from cdc.metrics import CaptureMetrics
 from cdc.pgoutput import PgOutputError, XLogData, parse_copy_data, standby_status_update
 from cdc.publisher import KafkaUnavailable, Publisher, PublishError
 from cdc.replication import ReplicationConnection, ReplicationError
+from cdc.resnapshot import ResnapshotRunner
 from cdc.rules import AGGREGATES
-from cdc.slot import SlotError, check_slot_usable, ensure_publication, read_slot
+from cdc.signals import SIGNAL_TABLE, is_signal, parse_signal
+from cdc.slot import SlotError, TableInfo, check_slot_usable, ensure_publication, read_slot
 from cdc.snapshot import SnapshotReader
 from cdc.snapshot_state import SnapshotState
 from cdc.transactions import LogicalMessage, TransactionAssembler, TransactionEnd, TransactionStart
@@ -65,6 +69,8 @@ class Capture:
         self.progress = Progress()
         self.stopping = asyncio.Event()
         self._topics: dict[str, str] = {}
+        self._tables: dict[str, TableInfo] = {}
+        self.resnapshot: ResnapshotRunner | None = None
         self.snapshot_only_done = False
 
     # ---- top level: retries around one session
@@ -114,17 +120,19 @@ class Capture:
                     f'confirmed cannot be read. Run "python -m cdc reset --yes" and then '
                     f'"python -m cdc run" to take a fresh snapshot, and rebuild the projections from it'
                 )
+            unfinished: list[str] = []
             if slot is not None:
                 check_slot_usable(slot, s)
-                if not state.complete() and s.snapshot_mode != "never":
-                    # the exported snapshot died with the connection that made it:
-                    # the only consistent way on is a new slot and a new snapshot
+                if not state.complete():
+                    # the exported snapshot died with the connection that made it; the
+                    # tables it did not finish are read again as an incremental
+                    # snapshot while streaming from the slot's consistent point
+                    unfinished = [name for name, _, done in state.tables() if not done]
                     log.warning(
-                        'slot "%s" exists but its initial snapshot did not finish; starting over '
-                        "with a new slot and snapshot", s.slot
+                        'slot "%s": the initial snapshot was interrupted; %s will be read as an '
+                        "incremental snapshot while streaming", s.slot, ", ".join(unfinished) or "no table",
                     )
-                    sqlconn.execute("select pg_drop_replication_slot(%s)", (s.slot,))
-                    slot = None
+        self._tables = {t.qualified: t for t in tables}
         repl = await ReplicationConnection.connect(s.replication_dsn())
         try:
             if slot is None:
@@ -134,7 +142,8 @@ class Capture:
                 start_lsn = info.consistent_point
                 if export:
                     assert info.snapshot_name is not None
-                    await self._initial_snapshot(info.snapshot_name, info.consistent_point, tables)
+                    if not await self._initial_snapshot(info.snapshot_name, info.consistent_point, tables):
+                        return
                 else:
                     with psycopg.connect(s.query_dsn(), autocommit=True) as sqlconn:
                         SnapshotState(sqlconn, s.slot).finish(info.consistent_point)
@@ -144,17 +153,18 @@ class Capture:
             else:
                 assert slot.confirmed_flush is not None
                 start_lsn = slot.confirmed_flush
-                if s.snapshot_mode == "initial_only":
+                if s.snapshot_mode == "initial_only" and not unfinished:
                     log.info("initial snapshot already taken; nothing to do in initial_only mode")
                     self.snapshot_only_done = True
                     return
-            await self._stream(repl, start_lsn)
+            await self._stream(repl, start_lsn, unfinished)
         finally:
             await repl.close()
 
     # ---- the initial snapshot
 
-    async def _initial_snapshot(self, snapshot_name: str, lsn: int, tables: list) -> None:  # type: ignore[type-arg]
+    async def _initial_snapshot(self, snapshot_name: str, lsn: int, tables: list[TableInfo]) -> bool:
+        """Read every table inside the exported snapshot; False when stopped midway."""
         s = self.settings
         publisher = self.publisher
         assert publisher is not None
@@ -165,6 +175,8 @@ class Capture:
             state.start(lsn, [t.qualified for t in tables])
             reader = SnapshotReader(conn, snapshot_name, lsn, ts_ms, s.snapshot_chunk)
             for table in tables:
+                if self.stopping.is_set():
+                    return False
                 estimate = reader.count(table)
                 log.info("snapshot of %s: about %d rows", table.qualified, estimate)
                 rows = 0
@@ -174,6 +186,10 @@ class Capture:
                     rows += len(chunk)
                     self.metrics.snapshot_rows.inc(len(chunk))
                     await self._drain(publisher, s.max_in_flight)
+                # a table counts as done only once Kafka has all of it
+                remaining = await asyncio.to_thread(publisher.flush, 300.0)
+                if remaining:
+                    raise KafkaUnavailable(f"{remaining} snapshot events not acknowledged by Kafka after 300 s")
                 log.info("snapshot of %s: %d rows", table.qualified, rows)
                 state.table_done(table.qualified, rows)
             reader.close()
@@ -184,10 +200,11 @@ class Capture:
             SnapshotState(stateconn, s.slot).finish(lsn)
         self.progress.watermark_lsn = max(self.progress.watermark_lsn, lsn)
         publisher.publish_watermark(lsn, int(time.time() * 1000))
+        return True
 
     # ---- streaming
 
-    async def _stream(self, repl: ReplicationConnection, start_lsn: int) -> None:
+    async def _stream(self, repl: ReplicationConnection, start_lsn: int, unfinished: list[str]) -> None:
         s = self.settings
         publisher = self.publisher
         assert publisher is not None
@@ -200,6 +217,13 @@ class Capture:
         await repl.start(s.slot, start_lsn, s.publication)
         log.info('streaming from slot "%s" at %s', s.slot, format_lsn(start_lsn))
         m.confirmed_lsn.set(start_lsn)
+        runner = self.resnapshot = ResnapshotRunner(s, self._tables, lambda: ckpt.confirmed)
+        runner.start()
+        await runner.resume_pending()
+        if unfinished:
+            await runner.request(f"initial-{uuid.uuid4().hex[:8]}", unfinished)
+            await asyncio.to_thread(self._finish_initial, start_lsn)
+        tracker = runner.tracker
 
         tx: Tx | None = None
         last_status = 0.0
@@ -218,7 +242,12 @@ class Capture:
                     if msg.__class__ is XLogData:
                         for item in assembler.feed(msg.wal_start, msg.payload):  # type: ignore[union-attr]
                             if item.__class__ is RowChange:
+                                if item.table == SIGNAL_TABLE and is_signal(item):  # type: ignore[arg-type]
+                                    self._signal(item, runner)  # type: ignore[arg-type]
+                                    continue
                                 progress.changes += 1
+                                if tracker.watching:
+                                    tracker.change(item)  # type: ignore[arg-type]
                                 for event in mapper.add(item):  # type: ignore[arg-type]
                                     self._publish(event, tx)
                                 if progress.changes & 1023 == 0 and publisher.in_flight() > s.max_in_flight:
@@ -238,7 +267,11 @@ class Capture:
                                 progress.last_commit_ts_ms = item.commit_ts_ms  # type: ignore[union-attr]
                                 m.transactions.inc()
                             elif item.__class__ is LogicalMessage:
-                                pass  # heartbeats and signals: nothing to publish
+                                if item.prefix == MARK_PREFIX and item.transactional:  # type: ignore[union-attr]
+                                    mark = parse_mark(item.content)  # type: ignore[union-attr]
+                                    if mark is not None:
+                                        for row in runner.on_mark(mark, item.commit_lsn, item.commit_ts_ms):  # type: ignore[union-attr]
+                                            self._publish(mapper.snapshot(row), tx)
                         if msg.wal_start > progress.received_lsn:  # type: ignore[union-attr]
                             progress.received_lsn = msg.wal_start  # type: ignore[union-attr]
                     else:  # primary keepalive
@@ -267,11 +300,35 @@ class Capture:
                     # requested) so wal_end, and with it the watermark, moves on
                     await self._send_status(repl, ckpt, reply=not batch)
                     last_status = now
+                if runner.failed:
+                    log.error("%s; the stream goes on", runner.failed)
+                    runner.failed = None
         finally:
             assembler.close()
+            await runner.stop()
+
+    def _signal(self, change: RowChange, runner: ResnapshotRunner) -> None:
+        signal = parse_signal(change)
+        if signal is None:
+            return
+        if signal.type != "execute-snapshot":
+            log.warning("signal %s: unknown type %r, ignored", signal.id, signal.type)
+            return
+        if signal.data.get("slot") not in (None, self.settings.slot):
+            return
+        tables = signal.data.get("tables")
+        if not isinstance(tables, list) or not tables:
+            tables = list(self._tables)
+        asyncio.get_running_loop().create_task(runner.request(signal.id, [str(t) for t in tables]))
+
+    def _finish_initial(self, lsn: int) -> None:
+        with psycopg.connect(self.settings.query_dsn(), autocommit=True) as conn:
+            SnapshotState(conn, self.settings.slot).finish(lsn)
 
     async def _send_status(self, repl: ReplicationConnection, ckpt: Checkpointer, reply: bool) -> None:
         confirmed = ckpt.confirmable()
+        if self.resnapshot is not None:
+            self.resnapshot.save_progress()
         p = self.progress
         await repl.send(standby_status_update(max(p.received_lsn, confirmed), confirmed, confirmed, reply_requested=reply))
         m = self.metrics

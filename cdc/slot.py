@@ -14,6 +14,7 @@ from psycopg import sql
 
 from cdc.config import DEFAULT_FULL_IDENTITY, Settings
 from cdc.lsn import parse_lsn
+from cdc.signals import SIGNAL_SCHEMA, SIGNAL_TABLE, ensure_signal_table
 
 __all__ = ["SlotError", "SlotState", "TableInfo", "drop_slot_and_publication", "ensure_publication", "published_tables", "read_slot"]
 
@@ -144,11 +145,13 @@ def ensure_publication(conn: psycopg.Connection[tuple[object, ...]], settings: S
             f"CDC_FULL_IDENTITY={','.join(t.split('.')[1] for t in unusable)} (REPLICA IDENTITY FULL), "
             f"or leave them out with CDC_TABLES"
         )
+    ensure_signal_table(conn)
     pub = sql.Identifier(settings.publication)
     exists = conn.execute("select 1 from pg_publication where pubname = %s", (settings.publication,)).fetchone()
     idents = sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in tables)
+    signals = sql.Identifier(SIGNAL_SCHEMA, SIGNAL_TABLE)
     if not exists:
-        conn.execute(sql.SQL("create publication {} for table {}").format(pub, idents))
+        conn.execute(sql.SQL("create publication {} for table {}, {}").format(pub, idents, signals))
     else:
         published = {
             (str(r[0]), str(r[1]))
@@ -157,6 +160,8 @@ def ensure_publication(conn: psycopg.Connection[tuple[object, ...]], settings: S
             ).fetchall()
         }
         new = [t for t in tables if (t.schema, t.name) not in published]
+        if (SIGNAL_SCHEMA, SIGNAL_TABLE) not in published:
+            new.append(TableInfo(SIGNAL_SCHEMA, SIGNAL_TABLE, ("id",), "d"))
         if new:
             conn.execute(
                 sql.SQL("alter publication {} add table {}").format(
@@ -168,7 +173,7 @@ def ensure_publication(conn: psycopg.Connection[tuple[object, ...]], settings: S
 
 def published_tables(conn: psycopg.Connection[tuple[object, ...]], settings: Settings) -> list[TableInfo]:
     rows = conn.execute(
-        "select schemaname, tablename from pg_publication_tables where pubname = %s order by 1, 2",
+        "select schemaname, tablename from pg_publication_tables where pubname = %s and schemaname <> 'readside_cdc' order by 1, 2",
         (settings.publication,),
     ).fetchall()
     out: list[TableInfo] = []

@@ -40,6 +40,7 @@ class SnapshotReader:
         self.ts_ms = ts_ms
         self.chunk = chunk
         self.kind = kind
+        self.last_key: list[str] | None = None
         conn.autocommit = False
         conn.execute("set transaction isolation level repeatable read, read only")
         if snapshot_name is not None:
@@ -58,9 +59,12 @@ class SnapshotReader:
         ).fetchone()
         return int(row[0]) if row else 0
 
-    def chunks(self, table: TableInfo, after_key: list[str] | None = None) -> Iterator[list[RowChange]]:
+    def chunks(
+        self, table: TableInfo, after_key: list[str] | None = None, limit_chunks: int | None = None
+    ) -> Iterator[list[RowChange]]:
         """Yield the table's rows in key order, ``chunk`` rows at a time (keyset
-        pagination: each chunk is one indexed range scan, whatever the table size)."""
+        pagination: each chunk is one indexed range scan, whatever the table size).
+        ``last_key`` holds the key (as text) of the newest row yielded."""
         ident = sql.Identifier(table.schema, table.name)
         if not table.key:
             yield from self._scan_without_key(table, ident)
@@ -72,9 +76,12 @@ class SnapshotReader:
             ident, keys, holes, keys, sql.Literal(self.chunk)
         )
         last = after_key
-        while True:
+        done = 0
+        while limit_chunks is None or done < limit_chunks:
             cur = self.conn.execute(first) if last is None else self.conn.execute(nxt, last)
             rows, last = self._changes(table, cur)
+            self.last_key = last
+            done += 1
             if rows:
                 yield rows
             if len(rows) < self.chunk:

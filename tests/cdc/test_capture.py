@@ -434,3 +434,80 @@ def test_slot_invalidated_by_wal_limit_is_a_clear_error(cdc: CdcProcess, conn: p
     status = cdc.run_to_end("status", "--json")
     assert status.returncode == 1 and '"wal_status": "lost"' in status.stdout
     assert cdc.run_to_end("reset", "--yes").returncode == 0
+
+
+def _wait_snapshot_done(conn: psycopg.Connection, slot: str, cdc: CdcProcess, timeout: float = 120) -> list[tuple]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = conn.execute(
+            "select request_id, status, rows, coalesce(error, '') from readside_cdc.incremental_snapshots where slot = %s", (slot,)
+        ).fetchall()
+        if rows and all(r[1] == "done" for r in rows):
+            return rows
+        assert all(r[1] != "failed" for r in rows), rows
+        assert cdc.alive(), cdc.log()[-3000:]
+        assert time.monotonic() < deadline, f"incremental snapshot not done: {rows}\n{cdc.log()[-2000:]}"
+        time.sleep(0.3)
+
+
+def test_incremental_snapshot_racing_updates_never_leaves_a_stale_row(cdc: CdcProcess, conn: psycopg.Connection, shop_dsn: str) -> None:
+    cdc.extra_env["CDC_SNAPSHOT_CHUNK"] = "100"
+    cdc.start()
+    log = EventLog(cdc.prefix)
+    log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    with Churn(shop_dsn, 5) as writes:
+        requested = cdc.run_to_end("snapshot", "--tables", "customers,products")
+        assert requested.returncode == 0, requested.stderr
+        [(request, status, rows, _)] = _wait_snapshot_done(conn, cdc.name, cdc)
+    assert writes.count[0] > 10
+    log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    reads = [c for c in log.changes() if c["op"] == "r" and c["source"]["snapshot"] == "incremental"]
+    total = conn.execute("select (select count(*) from customers) + (select count(*) from products)").fetchone()
+    assert total is not None
+    # rows changed inside a chunk's window are left to the stream, the rest are read
+    assert 0.5 * total[0] < len(reads) <= total[0]
+    assert rows >= len(reads)
+    assert_topics_rebuild_postgres(log, shop_dsn)
+    # the newest version of every row equals the database: what a projection would hold
+    newest: dict[tuple[str, object], tuple[int, dict]] = {}
+    for event in log.events:
+        for change in event["changes"]:
+            if change["source"]["table"] not in ("customers", "products") or change["op"] == "d":
+                continue
+            key = (change["source"]["table"], change["after"]["id"])
+            if key not in newest or event["version"] > newest[key][0]:
+                newest[key] = (event["version"], change["after"])
+    actual = read_tables(shop_dsn, ["customers", "products"])
+    stale = [
+        k for k, (_, after) in newest.items()
+        if any(after.get(col) != actual[k[0]][(k[1],)].get(col) for col in after)
+    ]
+    assert not stale, f"{len(stale)} rows are older than their latest change, e.g. {stale[:3]}"
+    status = cdc.run_to_end("snapshot", "--status", "--json")
+    assert f'"request": "{request}"' in status.stdout and '"status": "done"' in status.stdout
+    log.close()
+
+
+def test_interrupted_initial_snapshot_resumes_while_streaming(cdc: CdcProcess, conn: psycopg.Connection, shop_dsn: str) -> None:
+    cdc.extra_env["CDC_SNAPSHOT_CHUNK"] = "50"
+    cdc.start()
+    deadline = time.monotonic() + 60
+    while True:
+        done = conn.execute(
+            "select count(*) filter (where finished_at is not null), count(*) from readside_cdc.snapshot_tables where slot = %s",
+            (cdc.name,),
+        ).fetchone()
+        if done is not None and done[0] >= 1:
+            break
+        assert time.monotonic() < deadline and cdc.alive(), cdc.log()[-2000:]
+        time.sleep(0.05)
+    assert done[0] < done[1], "the snapshot finished before it could be interrupted"
+    cdc.kill9()
+    with Churn(shop_dsn, 6):
+        cdc.start()
+        _wait_snapshot_done(conn, cdc.name, cdc)
+    assert "will be read as an incremental snapshot" in cdc.log()
+    log = EventLog(cdc.prefix)
+    log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    assert_topics_rebuild_postgres(log, shop_dsn)
+    log.close()
