@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from cdc.changes import RowChange
+from cdc.changes import ChangeBuilder, RowChange
 from cdc.checkpointer import Checkpointer, DeliveryFailed, Tx
 from cdc.config import Settings, mask_dsn
 from cdc.events import DomainEvent, encode_event, topic_for
@@ -209,7 +209,9 @@ class Capture:
         publisher = self.publisher
         assert publisher is not None
         m = self.metrics
-        assembler = TransactionAssembler(s.spool_dir / s.slot)
+        assembler = TransactionAssembler(
+            s.spool_dir / s.slot, ChangeBuilder({(t.schema, t.name): t.key for t in self._tables.values() if t.key})
+        )
         mapper = TransactionMapper()
         ckpt = Checkpointer(start_lsn)
         progress = self.progress

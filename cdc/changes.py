@@ -123,9 +123,12 @@ def _b64(raw: bytes) -> str:
 class ChangeBuilder:
     """Turns decoded pgoutput row messages into RowChanges, holding the relation cache."""
 
-    __slots__ = ("_specs", "relations", "types")
+    __slots__ = ("_specs", "primary_keys", "relations", "types")
 
-    def __init__(self) -> None:
+    def __init__(self, primary_keys: dict[tuple[str, str], tuple[str, ...]] | None = None) -> None:
+        # Under REPLICA IDENTITY FULL pgoutput flags every column as key; the
+        # table's primary key (from the catalog) is what identifies its rows.
+        self.primary_keys = primary_keys or {}
         self.relations: dict[int, RelationInfo] = {}
         self.types: dict[int, Type] = {}
         self._specs = _Specs(self)
@@ -144,13 +147,19 @@ class ChangeBuilder:
             convs.append(converter_for(col.type_oid, col.type_modifier, t.name if t else None))
         names = tuple(c.name for c in msg.columns)
         key_index = tuple(i for i, c in enumerate(msg.columns) if c.flags & 1)
+        # pgoutput sends pg_catalog as "", never a user schema
+        schema = msg.namespace or "pg_catalog"
+        key = tuple(names[i] for i in key_index)
+        if msg.replica_identity == "f":
+            pk = self.primary_keys.get((schema, msg.name))
+            if pk and all(k in names for k in pk):
+                key = pk
         info = RelationInfo(
             relation=msg,
-            # pgoutput sends pg_catalog as "", never a user schema
-            schema=msg.namespace or "pg_catalog",
+            schema=schema,
             table=msg.name,
             names=names,
-            key=tuple(names[i] for i in key_index),
+            key=key,
             key_index=key_index,
             converters=tuple(convs),
         )

@@ -41,6 +41,7 @@ class SnapshotReader:
         self.chunk = chunk
         self.kind = kind
         self.last_key: list[str] | None = None
+        self._type_names: dict[int, str | None] = {}
         conn.autocommit = False
         conn.execute("set transaction isolation level repeatable read, read only")
         if snapshot_name is not None:
@@ -50,6 +51,16 @@ class SnapshotReader:
 
     def close(self) -> None:
         self.conn.rollback()
+
+    def _type_name(self, oid: int) -> str | None:
+        """Names of user types (OIDs past the built-in range), as pgoutput's Type message
+        gives them, so enum arrays convert the same in snapshots and in the stream."""
+        if oid < 16384:
+            return None
+        if oid not in self._type_names:
+            row = self.conn.execute("select typname from pg_type where oid = %s", (oid,)).fetchone()
+            self._type_names[oid] = str(row[0]) if row else None
+        return self._type_names[oid]
 
     def count(self, table: TableInfo) -> int:
         """Estimated rows (planner statistics): for progress only."""
@@ -104,7 +115,9 @@ class SnapshotReader:
             return [], None
         nfields = res.nfields
         names = [(res.fname(j) or b"").decode() for j in range(nfields)]
-        convs: list[Converter] = [converter_for(res.ftype(j), res.fmod(j)) for j in range(nfields)]
+        convs: list[Converter] = [
+            converter_for(res.ftype(j), res.fmod(j), self._type_name(res.ftype(j))) for j in range(nfields)
+        ]
         key_index = [names.index(k) for k in table.key]
         get = res.get_value
         out: list[RowChange] = []
