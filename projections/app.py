@@ -227,6 +227,40 @@ class Progress:
         }
 
 
+Decoded = tuple[Any, Any]
+
+
+class SharedDecodes:
+    """Both pipelines read the same records: the first to get one decodes (and upcasts) it,
+    the others reuse that. Bounded: a pipeline far behind simply decodes again itself.
+    Events are never modified after decoding (the sinks only read them), so sharing is safe."""
+
+    def __init__(self, readers: int, limit: int = 100_000) -> None:
+        from collections import OrderedDict
+
+        self.readers = readers
+        self.limit = limit
+        self._items: OrderedDict[tuple[str, int, int], list[Any]] = OrderedDict()
+
+    def take(self, key: tuple[str, int, int]) -> Decoded | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        item[1] -= 1
+        if item[1] <= 0:
+            del self._items[key]
+        return item[0]  # type: ignore[no-any-return]
+
+    def put(self, key: tuple[str, int, int], decoded: Decoded) -> None:
+        if self.readers > 1:
+            self._items[key] = [decoded, self.readers - 1]
+            if len(self._items) > self.limit:
+                self._items.popitem(last=False)
+
+    def __bool__(self) -> bool:
+        return self.readers > 1
+
+
 _INFRA_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -253,6 +287,7 @@ class Projector:
         metrics: ProjectionMetrics,
         *,
         upcasters: Upcasters = UPCASTERS,
+        shared: SharedDecodes | None = None,
         attempts: int = 3,
         retry_delay_s: float = 0.05,
         max_backoff_s: float = 5.0,
@@ -262,6 +297,7 @@ class Projector:
         self.dlq = dlq
         self.metrics = metrics
         self.upcasters = upcasters
+        self.shared = shared
         self.attempts = attempts
         self.retry_delay_s = retry_delay_s
         self.max_backoff_s = max_backoff_s
@@ -289,33 +325,26 @@ class Projector:
         letters: list[DeadLetter] = []
         offsets: dict[PositionKey, int] = {}
         running = self._running
-        upcasters = self.upcasters
         upcasts = 0
+        shared = self.shared
         for rec in records:
             key = (rec.topic, rec.partition)
             offsets[key] = rec.offset + 1
-            try:
-                if rec.value is None:
-                    raise DecodeError("record has no value (a tombstone?); expected a domain event")
-                obj = decode_record(rec.value)
-            except DecodeError as exc:
-                letters.append(self._letter(rec, "decode", str(exc), 1))
-                continue
-            if obj.__class__ is Watermark:
-                assert isinstance(obj, Watermark)
-                if obj.lsn > running.get(key, (0, 0))[0]:
-                    running[key] = (obj.lsn, obj.ts_ms)
-                continue
-            assert isinstance(obj, DomainEvent)
-            if obj.event_version != upcasters.current(obj.event_type):
-                try:
-                    obj = upcasters.upcast(obj)
-                    upcasts += 1
-                except UpcastError as exc:
-                    letters.append(self._letter(rec, "upcast", str(exc), 1))
-                    continue
-            events.append(obj)
-            origins.append(rec)
+            decoded = shared.take((rec.topic, rec.partition, rec.offset)) if shared else None
+            if decoded is None:
+                decoded = self._decode(rec.value)
+                if shared:
+                    shared.put((rec.topic, rec.partition, rec.offset), decoded)
+            obj = decoded[0]
+            if obj.__class__ is DomainEvent:
+                events.append(obj)  # type: ignore[arg-type]
+                origins.append(rec)
+                upcasts += decoded[1] is not None
+            elif obj.__class__ is Watermark:
+                if obj.lsn > running.get(key, (0, 0))[0]:  # type: ignore[union-attr]
+                    running[key] = (obj.lsn, obj.ts_ms)  # type: ignore[union-attr]
+            else:
+                letters.append(self._letter(rec, obj, decoded[1], 1))  # type: ignore[arg-type]
         if upcasts:
             self.metrics.upcasts.labels(self.name).inc(upcasts)
         positions = {k: Position(off, running.get(k, (0, 0))[0]) for k, off in offsets.items()}
@@ -342,6 +371,24 @@ class Projector:
         if lag_seconds is not None:
             self.metrics.lag_seconds.labels(self.name).set(lag_seconds)
         return offsets
+
+    def _decode(self, value: bytes | None) -> Decoded:
+        """(event, "upcast" if it was), (watermark, None) or (stage, error) of a dead letter."""
+        try:
+            if value is None:
+                raise DecodeError("record has no value (a tombstone?); expected a domain event")
+            obj = decode_record(value)
+        except DecodeError as exc:
+            return ("decode", str(exc))
+        if obj.__class__ is Watermark:
+            return (obj, None)
+        assert isinstance(obj, DomainEvent)
+        if obj.event_version == self.upcasters.current(obj.event_type):
+            return (obj, None)
+        try:
+            return (self.upcasters.upcast(obj), "upcast")
+        except UpcastError as exc:
+            return ("upcast", str(exc))
 
     def _letter(self, rec: Record, stage: str, error: str, attempts: int) -> DeadLetter:
         return DeadLetter(
@@ -710,9 +757,10 @@ def build_runtime(settings: Settings) -> Runtime:
         raise RuntimeError(
             f"cannot open ClickHouse at {mask_url(settings.clickhouse_url)}: {exc}"
         ) from None
+    shared = SharedDecodes(readers=2)
     pipelines = {
         "redis": Pipeline(
-            Projector(redis_sink, dlq, metrics),
+            Projector(redis_sink, dlq, metrics, shared=shared),
             bootstrap=settings.kafka_bootstrap,
             group_id=f"{settings.app_id}.redis",
             topics=settings.topics,
@@ -720,7 +768,7 @@ def build_runtime(settings: Settings) -> Runtime:
             batch_wait_s=settings.batch_wait_ms / 1000,
         ),
         "clickhouse": Pipeline(
-            Projector(ch_sink, dlq, metrics),
+            Projector(ch_sink, dlq, metrics, shared=shared),
             bootstrap=settings.kafka_bootstrap,
             group_id=f"{settings.app_id}.clickhouse",
             topics=settings.topics,

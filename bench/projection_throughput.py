@@ -1,0 +1,240 @@
+"""Benchmark: one projection worker draining a topic pre-filled with >= 1M events into Redis and ClickHouse.
+
+    .venv/bin/python bench/projection_throughput.py [--events 1000000] [--prefix benchproj]
+
+The topics ``<prefix>.{order,customer,product}.events`` (6 partitions) are
+filled once with the writer's command mix as cdc would publish it
+(bench/redis_apply.py's Workload: cdc's TransactionMapper over realistic row
+changes) plus Watermark records, and kept for the next run (--refill to
+rebuild them). Then ``python -m projections worker`` starts on them with a
+fresh Redis namespace and chdb directory and the clock runs until each
+projection's watermark reaches the last one published. Prints JSON: events/s
+per projection (both run at once in the one worker process, as deployed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from cdc.events import encode_event, encode_watermark  # noqa: E402
+from cdc.lsn import format_lsn  # noqa: E402
+
+BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:59092")
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:56379/0")
+AGGREGATES = ("order", "customer", "product")
+
+
+def topic_counts(prefix: str) -> tuple[int, int] | None:
+    """(records, last watermark) already in the topics, or None when they do not exist."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": f"bench-{uuid.uuid4().hex}"})
+    meta = consumer.list_topics(timeout=10)
+    names = [f"{prefix}.{a}.events" for a in AGGREGATES]
+    if any(n not in meta.topics for n in names):
+        consumer.close()
+        return None
+    total = 0
+    for name in names:
+        for p in meta.topics[name].partitions:
+            lo, hi = consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)
+            total += hi - lo
+    # the last record of order partition 0 is the final Watermark
+    tp = TopicPartition(names[0], 0)
+    _, hi = consumer.get_watermark_offsets(tp, timeout=10)
+    tp.offset = max(0, hi - 1)
+    consumer.assign([tp])
+    msg = consumer.poll(10)
+    consumer.close()
+    if msg is None or msg.error():
+        return None
+    doc = orjson.loads(msg.value())
+    if doc.get("event_type") != "Watermark":
+        return None
+    from cdc.lsn import parse_lsn
+
+    return total, parse_lsn(doc["lsn"])
+
+
+def fill(prefix: str, n: int, partitions: int = 6) -> tuple[int, int]:
+    """Create the topics and publish n events (plus watermarks); returns (records, final watermark)."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+    from redis_apply import Workload
+
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    names = [f"{prefix}.{a}.events" for a in AGGREGATES]
+    existing = [t for t in names if t in admin.list_topics(timeout=10).topics]
+    if existing:
+        for fut in admin.delete_topics(existing, operation_timeout=30).values():
+            fut.result(30)
+        time.sleep(2)
+    config = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+    for fut in admin.create_topics([NewTopic(t, partitions, 1, config=config) for t in names]).values():
+        fut.result(30)
+    producer = Producer({
+        "bootstrap.servers": BOOTSTRAP, "enable.idempotence": True, "linger.ms": 20,
+        "batch.size": 1_000_000, "compression.type": "lz4", "queue.buffering.max.messages": 1_000_000,
+    })  # fmt: skip
+
+    def produce(topic: str, value: bytes, key: bytes | None, partition: int = -1) -> None:
+        while True:
+            try:
+                producer.produce(topic, value, key, partition=partition)
+                return
+            except BufferError:
+                producer.poll(0.05)
+
+    workload = Workload(seed=7)
+    records = 0
+    lsn = 0
+    started = time.monotonic()
+    while records < n:
+        chunk = workload.events(min(50_000, n - records)) if records == 0 else _more(workload, min(50_000, n - records))
+        for event in chunk:
+            key, value = encode_event(event)
+            produce(f"{prefix}.{event.aggregate_type}.events", value, key)
+        records += len(chunk)
+        lsn = max(lsn, chunk[-1].commit_lsn)
+        mark = encode_watermark(lsn, int(time.time() * 1000))
+        for name in names:
+            for p in range(partitions):
+                produce(name, mark, None, p)
+        records += len(names) * partitions
+        producer.poll(0)
+        print(f"fill: {records:,} records ({records / (time.monotonic() - started):,.0f}/s)", file=sys.stderr)
+    producer.flush(120)
+    return records, lsn
+
+
+def _more(workload: Any, n: int) -> list[Any]:
+    out: list[Any] = []
+    rng = workload.rng
+    while len(out) < n:
+        r = rng.random()
+        out += workload.register() if r < 0.04 else workload.place() if r < 0.40 else workload.move()
+    return out
+
+
+class Worker:
+    """A projection worker subprocess of the benchmark's own (namespace, chdb dir, port, app id)."""
+
+    def __init__(self, prefix: str, extra: dict[str, str] | None = None) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-worker-"))
+        self.namespace = f"bench:{uuid.uuid4().hex[:8]}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ, "TOPIC_PREFIX": prefix, "REDIS_NAMESPACE": self.namespace,
+            "PROJECTIONS_APP_ID": f"bench-{uuid.uuid4().hex[:8]}",
+            "CLICKHOUSE_URL": f"chdb://{self.tmp / 'chdb'}", "PROJECTIONS_DATA_DIR": str(self.tmp / "data"),
+            "QUERY_API": f"127.0.0.1:{self.port}", **(extra or {}),
+        }  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        log = (self.tmp / "worker.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "projections", "worker", "--log-level", "warning"],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"worker exited: {(self.tmp / 'worker.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return time.monotonic()
+            except OSError:
+                time.sleep(0.1)
+        raise SystemExit("worker did not become healthy")
+
+    def status(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}/status", timeout=10) as resp:
+            return orjson.loads(resp.read())  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        batch = list(client.scan_iter(match=f"{self.namespace}:*", count=5000))
+        for i in range(0, len(batch), 5000):
+            client.delete(*batch[i : i + 5000])
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--prefix", default="benchproj")
+    parser.add_argument("--refill", action="store_true")
+    args = parser.parse_args()
+
+    found = None if args.refill else topic_counts(args.prefix)
+    if found is None or found[0] < args.events:
+        found = fill(args.prefix, args.events)
+    records, final = found
+
+    worker = Worker(args.prefix)
+    try:
+        started = worker.start()
+        done: dict[str, float] = {}
+        samples: list[dict[str, Any]] = []
+        while len(done) < 2 and time.monotonic() - started < 1800:
+            status = worker.status()
+            now = time.monotonic()
+            for name, p in status["projections"].items():
+                if name not in done and p["watermark"] == format_lsn(final):
+                    done[name] = now - started
+            samples.append({n: p["events_applied"] for n, p in status["projections"].items()})
+            time.sleep(0.25)
+        status = worker.status()
+    finally:
+        worker.stop()
+    out = {
+        "benchmark": "projection_throughput",
+        "records_in_topics": records,
+        "projections": {
+            name: {
+                "events_applied": status["projections"][name]["events_applied"],
+                "seconds": round(done.get(name, float("nan")), 2),
+                "events_per_s": round(status["projections"][name]["events_applied"] / done[name]) if name in done else None,
+                "records_per_s": round(records / done[name]) if name in done else None,
+            }
+            for name in ("redis", "clickhouse")
+        },
+        "target_events_per_s": 20_000,
+    }
+    print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+
+
+if __name__ == "__main__":
+    main()
