@@ -1,0 +1,170 @@
+"""Benchmark: how soon a committed write is visible, through the whole pipeline, under load.
+
+    .venv/bin/python bench/freshness.py [--changes-per-s 2000] [--seconds 30]
+
+Real parts only: a database of its own with the writer's schema, ``python -m
+cdc run`` (own slot, publication and topic prefix), ``python -m projections
+worker`` (own Redis namespace and chdb directory), and ``python -m writer
+load`` as background traffic at a rate that makes about --changes-per-s row
+changes per second (measured from pg_stat_user_tables and reported). Every
+100 ms a probe command (a profile change) commits and takes its consistency
+token; right after the commit the probe asks the worker for the customer
+(Redis) and for a ClickHouse row with ``min_lsn=<token>``. The time from the
+commit returning to each answer is the freshness. Prints JSON percentiles.
+Targets: Redis p99 < 250 ms, ClickHouse p99 < 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from projection_throughput import Worker  # noqa: E402
+
+ADMIN_DSN = os.environ.get("PG_DSN", "postgresql://postgres@127.0.0.1:55432/shop")
+
+
+def _changes(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) FROM pg_stat_user_tables"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def probe(dsn: str, url: str, seconds: float, interval: float) -> dict[str, list[float]]:
+    import aiohttp
+
+    from writer import commands
+    from writer.db import open_pool
+
+    pool = await open_pool(dsn, 2)
+    out: dict[str, list[float]] = {"redis": [], "clickhouse": [], "timeouts": []}
+    try:
+        customer = await commands.register_customer(pool, email=f"probe-{uuid.uuid4().hex[:8]}@example.com", full_name="Probe")
+        async with aiohttp.ClientSession() as session:
+
+            async def redis_read(token: str, t0: float) -> None:
+                async with session.get(f"{url}/users/{customer.id}?min_lsn={token}&timeout_ms=10000") as resp:
+                    await resp.read()
+                    (out["redis"] if resp.status == 200 else out["timeouts"]).append(time.perf_counter() - t0)
+
+            async def clickhouse_read(token: str, t0: float) -> None:
+                body = {"sql": f"SELECT full_name FROM customers_v WHERE id = {customer.id}"}
+                async with session.post(f"{url}/analytics/sql?min_lsn={token}&timeout_ms=10000", json=body) as resp:
+                    await resp.read()
+                    (out["clickhouse"] if resp.status == 200 else out["timeouts"]).append(time.perf_counter() - t0)
+
+            tasks = []
+            end = time.monotonic() + seconds
+            n = 0
+            while time.monotonic() < end:
+                n += 1
+                result = await commands.change_profile(pool, customer.id, full_name=f"Probe {n}")
+                t0 = time.perf_counter()
+                tasks += [asyncio.create_task(redis_read(result.lsn, t0)), asyncio.create_task(clickhouse_read(result.lsn, t0))]
+                await asyncio.sleep(interval)
+            await asyncio.gather(*tasks)
+    finally:
+        await pool.close()
+    return out
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"n": 0}
+    values = sorted(values)
+
+    def pct(p: float) -> float:
+        return round(values[min(len(values) - 1, int(p * len(values)))] * 1000, 1)
+
+    return {"n": len(values), "ms_p50": pct(0.5), "ms_p90": pct(0.9), "ms_p99": pct(0.99), "ms_max": round(values[-1] * 1000, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--changes-per-s", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--changes-per-command", type=float, default=4.0, help="to turn the target into a writer rate")
+    args = parser.parse_args()
+
+    tag = uuid.uuid4().hex[:8]
+    db = f"bench_fresh_{tag}"
+    dsn = psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=db)
+    prefix = f"benchfresh{tag}"
+    cdc_env = {**os.environ, "PG_DSN": dsn, "CDC_SLOT": f"bench_{tag}", "CDC_PUBLICATION": f"bench_{tag}",
+               "CDC_TOPIC_PREFIX": prefix, "CDC_METRICS_PORT": "0"}  # fmt: skip
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    worker = Worker(prefix, {"PG_DSN": dsn})
+    cdc: subprocess.Popen[bytes] | None = None
+    load: subprocess.Popen[bytes] | None = None
+    try:
+        subprocess.run([sys.executable, "-m", "writer", "migrate", "--dsn", dsn], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "writer", "seed", "--customers", "2000", "--products", "500", "--dsn", dsn],
+                       cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+        cdc_env["CDC_SPOOL_DIR"] = str(worker.tmp / "spool")
+        cdc = subprocess.Popen([sys.executable, "-m", "cdc", "run", "--log-level", "warning"], cwd=ROOT, env=cdc_env,
+                               stdout=subprocess.DEVNULL, stderr=(worker.tmp / "cdc.log").open("ab"))  # fmt: skip
+        worker.start()
+        rate = args.changes_per_s / args.changes_per_command
+        load = subprocess.Popen(
+            [sys.executable, "-m", "writer", "load", "--rate", f"{rate:.0f}", "--duration", str(args.seconds + 10),
+             "--concurrency", "8", "--dsn", dsn],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(5)  # let the load and the pipeline settle
+        before, t_before = _changes(dsn), time.monotonic()
+        result = asyncio.run(probe(dsn, worker.url, args.seconds, 0.1))
+        changes_per_s = (_changes(dsn) - before) / (time.monotonic() - t_before)
+        status = worker.status()
+    finally:
+        for proc in (load, cdc):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        worker.stop()
+        subprocess.run([sys.executable, "-m", "cdc", "reset", "--yes"], cwd=ROOT, env=cdc_env, capture_output=True)
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:59092")})
+        doomed = [n for n in admin.list_topics(timeout=10).topics if n.startswith(prefix + ".")]
+        if doomed:
+            admin.delete_topics(doomed)
+        shutil.rmtree(worker.tmp, ignore_errors=True)
+    out = {
+        "benchmark": "freshness",
+        "changes_per_s_target": args.changes_per_s,
+        "changes_per_s_measured": round(changes_per_s),
+        "commit_to_redis": _stats(result["redis"]),
+        "commit_to_clickhouse": _stats(result["clickhouse"]),
+        "timeouts": len(result["timeouts"]),
+        "targets_ms_p99": {"redis": 250, "clickhouse": 2000},
+        "lag_at_end": {n: {"lag_bytes": p["lag_bytes"], "lag_seconds": p["lag_seconds"]} for n, p in status["projections"].items()},
+    }
+    print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Benchmark: GET /users/{id} latency at a fixed request rate on loopback.
+
+    .venv/bin/python bench/query_latency.py [--rps 500] [--seconds 10] [--prefix benchproj-small]
+
+Starts ``python -m projections worker`` on the pre-filled topics of
+bench/projection_throughput.py (filled if missing, 100k events by default),
+waits until it has caught up, then sends GET /users/{id} for random known
+customers at --rps on an open loop (each request is sent on its schedule,
+whether or not earlier ones have returned, so slow answers cannot hide
+behind a lower rate) and reports latency percentiles as JSON. Target: p99 < 5 ms at 500 rps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from projection_throughput import Worker, fill, topic_counts
+
+from cdc.lsn import format_lsn
+
+
+async def load(url: str, rps: int, seconds: float, ids: list[int]) -> dict[str, object]:
+    import aiohttp
+
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    connector = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(cid: int) -> None:
+            start = time.perf_counter()
+            async with session.get(f"{url}/users/{cid}") as resp:
+                await resp.read()
+                statuses[resp.status] = statuses.get(resp.status, 0) + 1
+            latencies.append(time.perf_counter() - start)
+
+        for _ in range(50):  # warm the connections
+            await one(random.choice(ids))
+        latencies.clear()
+        statuses.clear()
+        tasks = []
+        start = time.perf_counter()
+        n = int(rps * seconds)
+        for i in range(n):
+            due = start + i / rps
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(random.choice(ids))))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2)
+
+    return {
+        "requests": len(latencies),
+        "achieved_rps": round(len(latencies) / elapsed, 1),
+        "statuses": statuses,
+        "ms_p50": pct(0.50),
+        "ms_p90": pct(0.90),
+        "ms_p99": pct(0.99),
+        "ms_max": round(latencies[-1] * 1000, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rps", type=int, default=500)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--prefix", default="benchproj-small")
+    parser.add_argument("--events", type=int, default=100_000)
+    args = parser.parse_args()
+    found = topic_counts(args.prefix)
+    if found is None or found[0] < args.events:
+        found = fill(args.prefix, args.events)
+    _, final = found
+    worker = Worker(args.prefix)
+    try:
+        worker.start()
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            status = worker.status()
+            if status["projections"]["redis"]["watermark"] == format_lsn(final):
+                break
+            time.sleep(0.5)
+        import redis
+
+        client = redis.Redis.from_url(worker.env.get("REDIS_URL") or "redis://127.0.0.1:56379/0")
+        ids = [
+            int(k.rsplit(b":", 1)[1])
+            for k in client.scan_iter(match=f"{worker.namespace}:user:*", count=5000)
+            if k.rsplit(b":", 1)[1].isdigit()
+        ][:5000]
+        if not ids:
+            raise SystemExit("no user views found; did the worker apply the topics?")
+        result = asyncio.run(load(worker.url, args.rps, args.seconds, ids))
+    finally:
+        worker.stop()
+    out = {"benchmark": "query_latency", "route": "GET /users/{id}", "target_rps": args.rps,
+           "target_ms_p99": 5.0, "users": len(ids), **result}  # fmt: skip
+    print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+
+
+if __name__ == "__main__":
+    main()
