@@ -97,29 +97,13 @@ def money(cents: int) -> str:
     return f"{sign}{whole}.{frac:02d}"
 
 
-class _Batch:
-    """The fields of one batch (in apply.lua's layout) and the row shapes sent so far."""
-
-    __slots__ = ("fields", "shapes")
-
-    def __init__(self, fields: list[str]) -> None:
-        self.fields = fields
-        self.shapes: dict[tuple[str, ...], str] = {}
-
-    def shape(self, names: tuple[str, ...]) -> str:
-        sid = self.shapes.get(names)
-        if sid is None:
-            sid = self.shapes[names] = str(len(self.shapes))
-            self.fields += ("S", sid, str(len(names)))
-            self.fields += names
-        return sid
-
-
 def _id(value: Any) -> str:
     return value if value.__class__ is str else str(value)
 
 
-def _unavailable(fields: list[str], change: dict[str, Any]) -> None:
+def _row(fields: list[str], change: dict[str, Any], row: dict[str, Any]) -> None:
+    """The row as compact JSON, then its unavailable (unchanged TOAST) columns."""
+    fields.append(_dumps(row).decode())
     names = change.get("unavailable")
     if names:
         fields.append(str(len(names)))
@@ -130,14 +114,14 @@ def _unavailable(fields: list[str], change: dict[str, Any]) -> None:
 
 def digest(events: Iterable[DomainEvent], fields: list[str]) -> int:
     """Append the ops of `events` to `fields` (apply.lua's layout); returns the row changes taken."""
-    batch = _Batch(fields)
-    shape = batch.shape
     dumps = _dumps
     ops = 0
     for event in events:
         version = event.version
         items: list[str] = []
         item_order: str | None = None
+        # Order rows go after the event's payments: linked with @paid up to date.
+        tail: list[str] = []
         for change in event.changes:
             source = change["source"]
             table = source["table"]
@@ -191,16 +175,21 @@ def digest(events: Iterable[DomainEvent], fields: list[str]) -> int:
             if not row or (id_ := row.get("id")) is None:
                 continue
             if table == "orders":
-                cust = row.get("customer_id")
+                cust, status, currency = (
+                    row.get("customer_id"),
+                    row.get("status"),
+                    row.get("currency"),
+                )
                 placed = row.get("placed_at")
-                fields += (
+                order_op = [
                     "O", _id(id_), rv, _activity(row.get("updated_at")),
                     "" if cust is None else _id(cust),
+                    "" if status is None else _id(status),
+                    "" if currency is None else _id(currency),
                     "" if placed is None else _micros(placed),
-                    shape(tuple(row)),
-                )  # fmt: skip
-                fields += [dumps(v).decode() for v in row.values()]
-                _unavailable(fields, change)
+                ]  # fmt: skip
+                _row(order_op, change, row)
+                tail += order_op
             elif table == "payments":
                 oid = row.get("order_id")
                 if oid is None:
@@ -210,15 +199,32 @@ def digest(events: Iterable[DomainEvent], fields: list[str]) -> int:
                     cents = -cents
                 fields += ("P", _id(oid), _id(id_), rv, str(cents))
             else:
-                fields += ("C", _id(id_), rv, _activity(row.get("updated_at")), shape(tuple(row)))
-                fields += [dumps(v).decode() for v in row.values()]
-                _unavailable(fields, change)
+                fields += ("C", _id(id_), rv, _activity(row.get("updated_at")))
+                _row(fields, change, row)
+        if tail:
+            fields += tail
         if items:
             fields += ("I", item_order, str(len(items) // 3), *items)  # type: ignore[arg-type]
     return ops
 
 
 _TABLES: Final = frozenset(("customers", "orders", "order_items", "payments"))
+
+
+def _fields(flat: list[Any]) -> dict[str, Any]:
+    return {_s(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def _columns(fields: dict[str, Any]) -> dict[str, Any] | None:
+    """A row's columns: @row plus those kept apart as c:<name>; None if absent or deleted."""
+    if "@row" not in fields or "@del" in fields:
+        return None
+    row: dict[str, Any] = _loads(fields["@row"])
+    for name, value in fields.items():
+        if name.startswith("c:"):
+            row[name[2:]] = _loads(value)
+    row.pop("id", None)
+    return row
 
 
 def _s(value: Any) -> str:
@@ -269,44 +275,33 @@ class RedisViews:
         if reply is None:
             return None
         flat, ids, rows = reply
-        profile: dict[str, Any] = {}
+        fields = _fields(flat)
         counts = dict.fromkeys(STATUSES, 0)
         spend: dict[str, str] = {}
-        last = None
-        live = False
-        deleted = False
-        for i in range(0, len(flat), 2):
-            name, value = _s(flat[i]), flat[i + 1]
-            if name[0] != "@":
-                if name != "id":
-                    profile[name] = _loads(value)
-            elif name.startswith("@n:"):
+        for name, value in fields.items():
+            if name.startswith("@n:"):
                 counts[name[3:]] = int(value)
-            elif name.startswith("@spend:"):
+            elif name.startswith("@spend:") and int(value):
                 spend[name[7:]] = money(int(value))
-            elif name == "@v":
-                live = True
-            elif name == "@del":
-                deleted = True
-            elif name == "@last":
-                last = _s(value)
         recent = []
-        for oid, (status, total, currency, placed_at) in zip(ids, rows, strict=True):
+        for oid, (status, row_json) in zip(ids, rows, strict=True):
+            row = _loads(row_json) if row_json is not None else {}
             recent.append({
                 "order_id": _s(oid),
-                "status": None if status is None else _loads(status),
-                "total": None if total is None else _loads(total),
-                "currency": None if currency is None else _loads(currency),
-                "placed_at": None if placed_at is None else _loads(placed_at),
+                "status": None if status is None else _s(status),
+                "total": row.get("total"),
+                "currency": row.get("currency"),
+                "placed_at": row.get("placed_at"),
             })  # fmt: skip
+        last = fields.get("@last")
         return {
             "customer_id": customer_id,
-            "profile": profile if live and not deleted else None,
+            "profile": _columns(fields),
             "order_counts": counts,
             "orders": sum(counts.values()),
             "lifetime_spend": dict(sorted(spend.items())),
             "recent_orders": recent,
-            "last_activity": last,
+            "last_activity": None if last is None else _s(last),
         }
 
     async def order(self, order_id: str) -> dict[str, Any] | None:
@@ -315,31 +310,22 @@ class RedisViews:
         if reply is None:
             return None
         flat, item_flat = reply
-        view: dict[str, Any] = {"order_id": order_id}
-        live = False
-        paid = 0
-        for i in range(0, len(flat), 2):
-            name, value = _s(flat[i]), flat[i + 1]
-            if name[0] != "@":
-                if name != "id":
-                    view[name] = _loads(value)
-            elif name == "@v":
-                live = True
-            elif name == "@del":
-                return None
-            elif name == "@paid":
-                paid = int(value)
-        if not live:
+        fields = _fields(flat)
+        row = _columns(fields)
+        if row is None:
             return None
         items = []
-        for i in range(0, len(item_flat), 2):
-            packed = _s(item_flat[i + 1])
+        for i in range(1, len(item_flat), 2):
+            packed = _s(item_flat[i])
             if len(packed) > 36:
                 items.append(_loads(packed[36:]))
         items.sort(key=lambda item: item.get("line_no") or 0)
-        view["items"] = items
-        view["net_paid"] = money(paid)
-        return view
+        return {
+            "order_id": order_id,
+            **row,
+            "items": items,
+            "net_paid": money(int(fields.get("@paid", 0))),
+        }
 
     async def positions(self) -> dict[PositionKey, Position]:
         """Offset and watermark per (topic, partition), as stored with the views."""

@@ -8,11 +8,9 @@
 -- P, then P triples (field "topic:partition", offset, watermark; both 20-digit
 -- zero-padded), then the ops, each an opcode followed by its fields
 -- (projections/redis_views.py builds them):
---   S sid n name ...                   a shape: the column names of the rows that
---                                      name it (sent once per batch and shape)
---   C id rv act sid value ... m col ...         customers row upsert: the values in
---                                      shape order, then m unavailable columns
---   O id rv act cust ts sid value ... m col ... orders row upsert
+--   C id rv act row m col ...          customers row upsert: row = the after-image
+--                                      as compact JSON, then m unavailable columns
+--   O id rv act cust status currency placed row m col ...   orders row upsert
 --   c id rv | o id rv                  customers / orders row delete
 --   I order k (line rv json) ...       k order_items rows of one order; json '' = delete
 --   P order payment rv cents           payments row (signed cents; 'D' = delete)
@@ -21,22 +19,26 @@
 -- change's seq padded to 10: fixed width, so plain string comparison orders them
 -- (versions exceed 2^53; Lua numbers are doubles). act is the row's updated_at,
 -- normalized to fixed width by Python, so it compares as a string too.
--- Returns {ops applied, ops skipped as replayed or older}.
+-- A row is stored whole as one JSON field (@row): every argument of a Redis
+-- call costs, and a row has many columns.
+-- Returns {row changes applied, row changes skipped as replayed or older}.
 
 local call = redis.call
-local sbyte, ssub, smatch = string.byte, string.sub, string.match
+local sbyte, ssub, sfind = string.byte, string.sub, string.find
 local ns = ARGV[1]
 local TRUNC = ns .. ':truncated'
 local ZERO = string.rep('0', 35)
-local AT = 64 -- '@'
 local RECENT = 20
 
 local F = {}
 do
-  local n = 0
-  for f in string.gmatch(ARGV[2], '([^\031]*)\031') do
+  local s, n, pos = ARGV[2], 0, 1
+  while true do
+    local j = sfind(s, '\031', pos, true)
+    if not j then break end
     n = n + 1
-    F[n] = f
+    F[n] = ssub(s, pos, j - 1)
+    pos = j + 1
   end
 end
 
@@ -46,20 +48,69 @@ do
   for i = 1, #t, 2 do trunc[t[i]] = t[i + 1] end
 end
 
+local function fresh(table_name, rv)
+  local t = trunc[table_name]
+  return not t or rv > t
+end
+
 local function neg(s)
   if sbyte(s, 1) == 45 then return ssub(s, 2) end
   return '-' .. s
 end
 
-local function unquote(s)
-  if sbyte(s, 1) == 34 then return ssub(s, 2, -2) end
-  return s
+-- A counter that returns to 0 keeps its field (at most one per status and
+-- currency): deleting it would cost a call on most status changes.
+local function incr(key, field, by)
+  call('HINCRBY', key, field, by)
 end
 
--- HINCRBY that leaves no zero fields behind: equal views dump equal.
-local function incr(key, field, by)
-  if tonumber(call('HINCRBY', key, field, by)) == 0 then call('HDEL', key, field) end
+-- ---- JSON: the raw text of one top-level member of a compact object (orjson
+-- output), without decoding it (cjson would round numbers to 14 digits).
+
+local function skip_string(s, p)
+  local i = p + 1
+  while true do
+    local j = sfind(s, '["\\]', i)
+    if not j then return #s + 1 end
+    if sbyte(s, j) == 92 then i = j + 2 else return j + 1 end
+  end
 end
+
+local function skip_value(s, p)
+  local b = sbyte(s, p)
+  if b == 34 then return skip_string(s, p) end
+  if b == 123 or b == 91 then
+    local depth, i = 0, p
+    while true do
+      local j = sfind(s, '[%[%]{}"]', i)
+      if not j then return #s + 1 end
+      local c = sbyte(s, j)
+      if c == 34 then
+        i = skip_string(s, j)
+      elseif c == 123 or c == 91 then
+        depth, i = depth + 1, j + 1
+      else
+        depth, i = depth - 1, j + 1
+        if depth == 0 then return i end
+      end
+    end
+  end
+  return sfind(s, '[,}%]]', p) or #s + 1
+end
+
+local function json_member(s, name)
+  local want = '"' .. name .. '"'
+  local p, n = 2, #s
+  while p < n do
+    local kend = skip_string(s, p)
+    local vend = skip_value(s, kend + 1)
+    if ssub(s, p, kend - 1) == want then return ssub(s, kend + 1, vend - 1) end
+    p = vend + 1
+  end
+  return nil
+end
+
+-- ---- rows
 
 local function parse_lag(s)
   local lag = {}
@@ -77,9 +128,10 @@ local function format_lag(lag)
   return table.concat(parts)
 end
 
--- A row's own fields (columns and row metadata), as opposed to derived ones.
+-- Derived fields live beside a row in its hash and survive its delete.
 local function is_row_field(f)
-  return sbyte(f, 1) ~= AT or f == '@v' or f == '@del' or f == '@lag' or f == '@ts'
+  return not (f == '@paid' or f == '@link' or f == '@last'
+    or ssub(f, 1, 3) == '@n:' or ssub(f, 1, 7) == '@spend:')
 end
 
 local function drop_row_fields(key)
@@ -91,77 +143,10 @@ local function drop_row_fields(key)
   if #d > 1 then call('HDEL', unpack(d)) end
 end
 
--- Last-writer-wins by row version; a column absent from a newer write (an
--- unchanged TOAST value) keeps its value and remembers, in @lag, the version it
--- is from, so an older write may still fill it in (any delivery order converges).
-local function upsert(key, rv, names, vi, ui, m, extra, extra_value)
-  local n = #names
-  local st = call('HMGET', key, '@v', '@del', '@lag')
-  local cur, del, lag_s = st[1], st[2], st[3]
-  if cur and rv <= cur then
-    if rv == cur or del or not lag_s then return false end
-    local lag = parse_lag(lag_s)
-    local args = { key }
-    for k = 1, n do
-      local c = names[k]
-      local lv = lag[c]
-      if lv and rv > lv then
-        args[#args + 1] = c
-        args[#args + 1] = F[vi + k - 1]
-        lag[c] = rv
-      end
-    end
-    if #args == 1 then return false end
-    args[#args + 1] = '@lag'
-    args[#args + 1] = format_lag(lag)
-    call('HSET', unpack(args))
-    return true
-  end
-  local args = { key, '@v', rv }
-  for k = 1, n do
-    args[2 * k + 2] = names[k]
-    args[2 * k + 3] = F[vi + k - 1]
-  end
-  if extra and extra_value ~= '' then
-    args[#args + 1] = extra
-    args[#args + 1] = extra_value
-  end
-  local new_lag = nil
-  if m > 0 then
-    local old = parse_lag(lag_s)
-    local have = {}
-    if cur and not del then
-      local q = { key }
-      for k = ui, ui + m - 1 do q[#q + 1] = F[k] end
-      have = call('HMGET', unpack(q))
-    end
-    local lag = {}
-    for k = ui, ui + m - 1 do
-      local c = F[k]
-      lag[c] = old[c] or (have[k - ui + 1] and cur) or ZERO
-    end
-    new_lag = format_lag(lag)
-    args[#args + 1] = '@lag'
-    args[#args + 1] = new_lag
-  end
-  call('HSET', unpack(args))
-  if lag_s and not new_lag then call('HDEL', key, '@lag') end
-  if del then call('HDEL', key, '@del') end
-  return true
-end
+-- ---- per batch, not per op: the newest activity per customer, the ids to
+-- index and the orders whose contribution to their customer must be
+-- recomputed (relink is state-based, so once at the end of the batch is enough).
 
--- A delete leaves a tombstone (@v, @del) so that older writes cannot resurrect the row.
-local function delete(key, rv)
-  local cur = call('HGET', key, '@v')
-  if cur and rv <= cur then return false end
-  drop_row_fields(key)
-  call('HSET', key, '@v', rv, '@del', '1')
-  return true
-end
-
--- Per batch, not per op: the newest activity per customer, the ids to index
--- and the orders whose contribution to their customer must be recomputed
--- (relink is state-based, so once at the end of the batch is enough).
 local last_seen, user_list, user_seen, order_list, order_seen = {}, {}, {}, {}, {}
 local dirty_list, dirty_seen = {}, {}
 
@@ -185,11 +170,10 @@ local function index_order(id)
   end
 end
 
+-- dirty_seen[oid]: true = relink at the end; false = already linked by its upsert
 local function mark(oid)
-  if not dirty_seen[oid] then
-    dirty_seen[oid] = true
-    dirty_list[#dirty_list + 1] = oid
-  end
+  if dirty_seen[oid] == nil then dirty_list[#dirty_list + 1] = oid end
+  dirty_seen[oid] = true
 end
 
 local function sadd_all(key, list)
@@ -204,50 +188,176 @@ local function flush_index()
   user_list, order_list = {}, {}
 end
 
+-- ---- the customer's derived view
+
 local function split_link(s)
-  return smatch(s, '^(.*)|([^|]*)|([^|]*)|([^|]*)$')
+  return string.match(s, '^(.*)|([^|]*)|([^|]*)|([^|]*)$')
 end
 
 -- The customer's counts, spend and recent list are sums over its orders: each
 -- order records in @link what it currently contributes ("customer|status|
 -- currency|cents"); when its state changes, the difference is applied. So a
 -- replay (no state change) never counts twice.
-local function relink(oid)
-  local okey = ns .. ':order:' .. oid
-  local f = call('HMGET', okey, '@link', '@v', '@del', 'customer_id', 'status', 'currency', '@paid', '@ts')
-  local old = f[1] or ''
-  local new = ''
-  if f[2] and not f[3] and f[4] and f[5] then
-    new = unquote(f[4]) .. '|' .. unquote(f[5]) .. '|' .. unquote(f[6] or '""') .. '|' .. (f[7] or '0')
-  end
+local function link_of(cust, status, currency, paid)
+  return cust .. '|' .. status .. '|' .. currency .. '|' .. (paid or '0')
+end
+
+-- Applies the difference between two links; the caller stores the new one.
+local function relinked(oid, old, new, ts)
   if new == old then return end
   local oc, ost, ocur, ocents, nc, nst, ncur, ncents
   if old ~= '' then
     oc, ost, ocur, ocents = split_link(old)
-    local ukey = ns .. ':user:' .. oc
-    incr(ukey, '@n:' .. ost, -1)
-    if ocents ~= '0' then incr(ukey, '@spend:' .. ocur, neg(ocents)) end
   end
   if new ~= '' then
     nc, nst, ncur, ncents = split_link(new)
+  end
+  if old ~= '' then
+    local ukey = ns .. ':user:' .. oc
+    if ost ~= nst or oc ~= nc then incr(ukey, '@n:' .. ost, -1) end
+    if ocents ~= '0' and (ocents ~= ncents or ocur ~= ncur or oc ~= nc) then
+      incr(ukey, '@spend:' .. ocur, neg(ocents))
+    end
+  end
+  if new ~= '' then
     local ukey = ns .. ':user:' .. nc
-    incr(ukey, '@n:' .. nst, 1)
-    if ncents ~= '0' then incr(ukey, '@spend:' .. ncur, ncents) end
+    if ost ~= nst or oc ~= nc then incr(ukey, '@n:' .. nst, 1) end
+    if ncents ~= '0' and (ocents ~= ncents or ocur ~= ncur or oc ~= nc) then
+      incr(ukey, '@spend:' .. ncur, ncents)
+    end
     if nc ~= oc then
       local rkey = ukey .. ':recent'
-      call('ZADD', rkey, f[8] or '0', oid)
+      call('ZADD', rkey, ts or '0', oid)
       call('ZREMRANGEBYRANK', rkey, 0, -(RECENT + 1))
       index_user(nc)
     end
-    call('HSET', okey, '@link', new)
-  else
-    call('HDEL', okey, '@link')
   end
   if old ~= '' and nc ~= oc then call('ZREM', ns .. ':user:' .. oc .. ':recent', oid) end
 end
 
+local function relink(oid)
+  local okey = ns .. ':order:' .. oid
+  local f = call('HMGET', okey, '@link', '@v', '@del', '@c', '@s', '@cur', '@paid', '@ts')
+  local old = f[1] or ''
+  local new = ''
+  if f[2] and not f[3] and f[4] and f[5] then new = link_of(f[4], f[5], f[6] or '', f[7]) end
+  if new == old then return end
+  relinked(oid, old, new, f[8])
+  if new ~= '' then call('HSET', okey, '@link', new) else call('HDEL', okey, '@link') end
+end
+
+-- Last-writer-wins by row version. A column absent from a newer write (an
+-- unchanged TOAST value) keeps its value, moved out of @row into its own field
+-- "c:<column>", and @lag remembers the version that value is from, so an older
+-- write may still fill it in: any delivery order converges.
+-- Orders (`oid` given) carry in `extra` what their link is made of (customer,
+-- status, currency, placed_at; '' = keep the stored one) and are linked right
+-- here, in the same calls as the row write, when all of it is known.
+local function upsert(key, rv, row, ui, m, extra, oid)
+  local st
+  if oid then
+    st = call('HMGET', key, '@v', '@del', '@lag', '@link', '@paid')
+  else
+    st = call('HMGET', key, '@v', '@del', '@lag')
+  end
+  local cur, del, lag_s = st[1], st[2], st[3]
+  if cur and rv <= cur then
+    if rv == cur or del or not lag_s then return false end
+    local lag = parse_lag(lag_s)
+    local args = { key }
+    for c, lv in pairs(lag) do
+      if rv > lv then
+        local v = json_member(row, c)
+        if v then
+          args[#args + 1] = 'c:' .. c
+          args[#args + 1] = v
+          lag[c] = rv
+        end
+      end
+    end
+    if #args == 1 then return false end
+    args[#args + 1] = '@lag'
+    args[#args + 1] = format_lag(lag)
+    call('HSET', unpack(args))
+    return true
+  end
+  local args = { key, '@v', rv, '@row', row }
+  if extra then
+    for k = 1, #extra, 2 do
+      if extra[k + 1] ~= '' then
+        args[#args + 1] = extra[k]
+        args[#args + 1] = extra[k + 1]
+      end
+    end
+  end
+  if oid then
+    if extra[2] ~= '' and extra[4] ~= '' and extra[8] ~= '' then
+      local old_link = st[4] or ''
+      local new_link = link_of(extra[2], extra[4], extra[6], st[5])
+      relinked(oid, old_link, new_link, extra[8])
+      if new_link ~= old_link then
+        args[#args + 1] = '@link'
+        args[#args + 1] = new_link
+      end
+      if dirty_seen[oid] then dirty_seen[oid] = false end
+    else
+      mark(oid)
+    end
+  end
+  local old = lag_s and parse_lag(lag_s) or {}
+  local gone = { key }
+  local new_lag = nil
+  if m > 0 then
+    local lag = {}
+    local old_row, fetched = nil, false
+    for k = ui, ui + m - 1 do
+      local c = F[k]
+      if old[c] then
+        lag[c] = old[c]
+      else
+        if not fetched then
+          fetched = true
+          if cur and not del then old_row = call('HGET', key, '@row') end
+        end
+        local v = old_row and json_member(old_row, c)
+        if v then
+          args[#args + 1] = 'c:' .. c
+          args[#args + 1] = v
+          lag[c] = cur
+        else
+          lag[c] = ZERO
+        end
+      end
+    end
+    new_lag = format_lag(lag)
+    args[#args + 1] = '@lag'
+    args[#args + 1] = new_lag
+    for c in pairs(old) do
+      if not lag[c] then gone[#gone + 1] = 'c:' .. c end
+    end
+  else
+    for c in pairs(old) do gone[#gone + 1] = 'c:' .. c end
+    if lag_s then gone[#gone + 1] = '@lag' end
+  end
+  if del then gone[#gone + 1] = '@del' end
+  if #gone > 1 then call('HDEL', unpack(gone)) end
+  call('HSET', unpack(args))
+  return true
+end
+
+-- A delete leaves a tombstone (@v, @del) so that older writes cannot resurrect the row.
+local function delete(key, rv)
+  local cur = call('HGET', key, '@v')
+  if cur and rv <= cur then return false end
+  drop_row_fields(key)
+  call('HSET', key, '@v', rv, '@del', '1')
+  return true
+end
+
 local function flush()
-  for _, oid in ipairs(dirty_list) do relink(oid) end
+  for _, oid in ipairs(dirty_list) do
+    if dirty_seen[oid] then relink(oid) end
+  end
   for cust, act in pairs(last_seen) do
     local ukey = ns .. ':user:' .. cust
     local last = call('HGET', ukey, '@last')
@@ -256,20 +366,8 @@ local function flush()
   flush_index()
 end
 
-
-local function fresh(table_name, rv)
-  local t = trunc[table_name]
-  return not t or rv > t
-end
-
--- Child rows (items, payments) are packed as "rv|value" in one hash per order;
--- an empty value (items) or "D" (payments) is a tombstone.
-local function child_write(key, field, rv, value)
-  local old = call('HGET', key, field)
-  if old and rv <= ssub(old, 1, 35) then return false, nil end
-  call('HSET', key, field, rv .. '|' .. value)
-  return true, old
-end
+-- ---- child rows: items and payments, packed as "rv|value" in one hash per
+-- order; an empty value (items) or "D" (payments) is a tombstone.
 
 -- k item rows of one order at F[at..]: one HMGET and one HSET for all of them.
 local function items_write(oid, at, k)
@@ -296,18 +394,23 @@ end
 
 local function payment_write(oid, pid, rv, cents)
   local okey = ns .. ':order:' .. oid
-  local ok, old = child_write(okey .. ':pay', pid, rv, cents)
-  if not ok then return false end
+  local pkey = okey .. ':pay'
+  local old = call('HGET', pkey, pid)
+  if old and rv <= ssub(old, 1, 35) then return false end
+  call('HSET', pkey, pid, rv .. '|' .. cents)
   local was = (old and ssub(old, 37)) or 'D'
-  if was ~= 'D' and was ~= '0' then incr(okey, '@paid', neg(was)) end
-  if cents ~= 'D' and cents ~= '0' then incr(okey, '@paid', cents) end
-  if was ~= cents then mark(oid) end
+  if was ~= cents then
+    if was ~= 'D' and was ~= '0' then incr(okey, '@paid', neg(was)) end
+    if cents ~= 'D' and cents ~= '0' then incr(okey, '@paid', cents) end
+    mark(oid)
+  end
   return true
 end
 
--- Truncate: rows older than the truncate go (no tombstone: the table's
+-- ---- truncate: rows older than the truncate go (no tombstone: the table's
 -- truncate version in ns:truncated rejects older writes from now on); rows
--- already rewritten after it stay, minus columns only known from before it.
+-- already rewritten after it stay, minus column values only known from before it.
+
 local function truncate_rows(set, prefix, rv, is_order)
   for _, id in ipairs(call('SMEMBERS', set)) do
     local key = ns .. ':' .. prefix .. ':' .. id
@@ -320,7 +423,7 @@ local function truncate_rows(set, prefix, rv, is_order)
       local gone = { key }
       for c, v in pairs(lag) do
         if v < rv then
-          gone[#gone + 1] = c
+          gone[#gone + 1] = 'c:' .. c
           lag[c] = ZERO
         end
       end
@@ -372,7 +475,8 @@ local function truncate(table_name, rv)
   return true
 end
 
--- positions: the offset and the watermark of a partition never move backwards
+-- ---- positions: the offset and the watermark of a partition never move backwards
+
 local npos = tonumber(F[1])
 local i = 2
 if npos > 0 then
@@ -396,27 +500,26 @@ if npos > 0 then
   i = i + 3 * npos
 end
 
+-- ---- the ops
+
 local applied, skipped = 0, 0
-local shapes = {}
 local nargs = #F
 while i <= nargs do
   local op = F[i]
   local ok = false
   if op == 'O' then
-    local id, rv, act, cust, ts = F[i + 1], F[i + 2], F[i + 3], F[i + 4], F[i + 5]
-    local names = shapes[F[i + 6]]
-    local n = #names
-    local m = tonumber(F[i + 7 + n])
+    local id, rv, act, cust = F[i + 1], F[i + 2], F[i + 3], F[i + 4]
+    local m = tonumber(F[i + 9])
     index_order(id)
     if cust ~= '' then
       index_user(cust)
       activity(cust, act)
     end
     if fresh('orders', rv) then
-      ok = upsert(ns .. ':order:' .. id, rv, names, i + 7, i + 8 + n, m, '@ts', ts)
-      if ok then mark(id) end
+      local extra = { '@c', cust, '@s', F[i + 5], '@cur', F[i + 6], '@ts', F[i + 7] }
+      ok = upsert(ns .. ':order:' .. id, rv, F[i + 8], i + 10, m, extra, id)
     end
-    i = i + 8 + n + m
+    i = i + 10 + m
   elseif op == 'I' then
     local oid, k = F[i + 1], tonumber(F[i + 2])
     index_order(oid)
@@ -434,22 +537,13 @@ while i <= nargs do
     i = i + 5
   elseif op == 'C' then
     local id, rv, act = F[i + 1], F[i + 2], F[i + 3]
-    local names = shapes[F[i + 4]]
-    local n = #names
-    local m = tonumber(F[i + 5 + n])
+    local m = tonumber(F[i + 5])
     index_user(id)
     activity(id, act)
     if fresh('customers', rv) then
-      ok = upsert(ns .. ':user:' .. id, rv, names, i + 5, i + 6 + n, m)
+      ok = upsert(ns .. ':user:' .. id, rv, F[i + 4], i + 6, m, nil, nil)
     end
-    i = i + 6 + n + m
-  elseif op == 'S' then
-    local n = tonumber(F[i + 2])
-    local names = {}
-    for k = 1, n do names[k] = F[i + 2 + k] end
-    shapes[F[i + 1]] = names
-    i = i + 3 + n
-    ok = nil
+    i = i + 6 + m
   elseif op == 'o' then
     local id, rv = F[i + 1], F[i + 2]
     index_order(id)

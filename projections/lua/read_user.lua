@@ -8,6 +8,6 @@ if #h == 0 then return false end
 local ids = redis.call('ZREVRANGE', ukey .. ':recent', 0, 19)
 local rows = {}
 for i, oid in ipairs(ids) do
-  rows[i] = redis.call('HMGET', ns .. ':order:' .. oid, 'status', 'total', 'currency', 'placed_at')
+  rows[i] = redis.call('HMGET', ns .. ':order:' .. oid, '@s', '@row')
 end
 return { h, ids, rows }
