@@ -109,7 +109,7 @@ def time_recvlogical(name: str, end_lsn: int) -> float:
     return time.perf_counter() - t
 
 
-def time_capture(name: str, end_lsn: int) -> tuple[float, float]:
+def time_capture(name: str, end_lsn: int) -> tuple[float, float, float]:
     env = dict(os.environ, PG_DSN=dsn_for(DB), CDC_SLOT=name, CDC_PUBLICATION=name, CDC_TOPIC_PREFIX=name, CDC_METRICS_PORT="0")
     log = (ROOT / ".local" / f"bench-{name}.log").open("wb")
     t = time.perf_counter()
@@ -129,10 +129,12 @@ def time_capture(name: str, end_lsn: int) -> tuple[float, float]:
                     peak_kb = int(line.split()[1])
             time.sleep(0.05)
         elapsed = time.perf_counter() - t
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     finally:
         proc.send_signal(2)
         proc.wait(30)
-    return elapsed, peak_kb / 1024
+    return elapsed, peak_kb / 1024, cpu_s
 
 
 def main() -> None:
@@ -144,7 +146,8 @@ def main() -> None:
     name = f"bench_{int(time.time())}"
     changes, end_lsn = setup(args.orders, args.items, args.per_tx, name)
     recv_s = time_recvlogical(name, end_lsn)
-    cdc_s, rss_mb = time_capture(name, end_lsn)
+    load_before = os.getloadavg()[0]
+    cdc_s, rss_mb, cpu_s = time_capture(name, end_lsn)
     result = {
         "benchmark": "capture_backlog_drain",
         "row_changes": changes,
@@ -155,6 +158,9 @@ def main() -> None:
         "cdc_changes_per_s": round(changes / cdc_s),
         "cdc_vs_pg_recvlogical": round(recv_s / cdc_s, 3),
         "cdc_max_rss_mb": round(rss_mb, 1),
+        "cdc_cpu_s": round(cpu_s, 2),
+        "cdc_cpu_us_per_change": round(cpu_s * 1e6 / changes, 1),
+        "load_average_before": round(load_before, 2),
         "targets": {"cdc_vs_pg_recvlogical": ">= 0.5", "cdc_max_rss_mb": "< 300"},
     }
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())

@@ -81,7 +81,7 @@ def main() -> None:
         writer.start()
         t0 = time.time()
         while writer.is_alive() or time.time() - t0 < args.duration + 3:
-            for msg in consumer.consume(1000, 0.05):
+            for msg in consumer.consume(1000, 0.002):
                 if msg.error():
                     continue
                 now_ms = time.time() * 1000
