@@ -296,15 +296,17 @@ class ClickHouseSink:
             batch = digest(events)
             self._resolve_toast(batch)
             token = _batch_token(events)
+            # optimize_on_insert=0: rows are already one per key (digest), and
+            # whatever is left (an event on several partitions) FINAL collapses.
             backend.insert(
                 f"{db}.events", batch.events, EVENT_COLUMNS,
-                {"insert_deduplication_token": f"{token}-events"},
+                {"insert_deduplication_token": f"{token}-events", "optimize_on_insert": 0},
             )  # fmt: skip
             for name, rows in batch.tables.items():
                 if rows:
                     backend.insert(
                         f"{db}.{name}", list(rows.values()), TABLES[name].insert_columns,
-                        {"insert_deduplication_token": f"{token}-{name}"},
+                        {"insert_deduplication_token": f"{token}-{name}", "optimize_on_insert": 0},
                     )  # fmt: skip
             if batch.truncations:
                 backend.insert(f"{db}.truncations", batch.truncations, TRUNCATION_COLUMNS)

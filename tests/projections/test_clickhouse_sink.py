@@ -348,6 +348,17 @@ def test_truncate_hides_rows_written_before_it_even_when_redelivered(sink: Click
     assert q(sink, "SELECT id, price FROM {db}.products_v") == [(2, D("6.00"))]
 
 
+def test_table_wide_event_from_every_partition_counts_once(sink: ClickHouseSink) -> None:
+    shop = Shop()
+    sink.apply(shop.add_product(1, "books", "10.00"), {})
+    truncate = shop.truncate("products", "2026-03-02T00:00:00")
+    sink.apply(truncate * 6, {})  # published to all six partitions, consumed in one batch
+    assert q(sink, "SELECT event_type, count() FROM {db}.events_v GROUP BY event_type ORDER BY 1") == [
+        ("ProductAdded", 1), ("TableTruncated", 1),
+    ]  # fmt: skip
+    assert q(sink, "SELECT count() FROM {db}.products_v") == [(0,)]
+
+
 def test_unchanged_toast_column_keeps_its_previous_value(sink: ClickHouseSink) -> None:
     shop = Shop()
     sink.apply(shop.register(1, profile={"tier": "gold"}), {})
