@@ -15,6 +15,7 @@ JSONCompactEachRow, which both backends accept unchanged.
 
 from __future__ import annotations
 
+import atexit
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -262,6 +263,9 @@ class ChdbBackend:
         path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._conn = self._connect(_SESSION_SETTINGS)
+        # chdb may crash in its own shutdown when the interpreter exits with a
+        # connection still open: close it first.
+        atexit.register(self.close)
 
     def _connect(
         self, settings: Settings, database: str | None = None, readonly: Any = None
