@@ -301,4 +301,5 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
 
             return await _analytics(request, run)  # type: ignore[return-value]
 
-    app.web.web_app.middlewares.append(_auth_middleware(runtime.settings.api_token, runtime))
+    web_app: web.Application = app.web.web_app  # type: ignore[attr-defined]  # the aiohttp driver's
+    web_app.middlewares.append(_auth_middleware(runtime.settings.api_token, runtime))

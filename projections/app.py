@@ -38,6 +38,7 @@ import faust
 import redis.asyncio as redis
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
+from faust.app.base import BootStrategy
 from mode import Service
 
 from cdc.events import DecodeError, DomainEvent, Watermark, decode_record
@@ -311,7 +312,9 @@ class Projector:
 
     async def resume(self, keys: Iterable[PositionKey]) -> dict[PositionKey, Position]:
         """The sink's stored positions for these partitions; the running watermarks restart from them."""
-        stored = await self._retry_infra(self.sink.positions, "read positions")
+        stored: dict[PositionKey, Position] = await self._retry_infra(
+            self.sink.positions, "read positions"
+        )
         for key in keys:
             pos = stored.get(key)
             self._running[key] = (pos.watermark, 0) if pos else (0, 0)
@@ -337,14 +340,14 @@ class Projector:
                     shared.put((rec.topic, rec.partition, rec.offset), decoded)
             obj = decoded[0]
             if obj.__class__ is DomainEvent:
-                events.append(obj)  # type: ignore[arg-type]
+                events.append(obj)
                 origins.append(rec)
                 upcasts += decoded[1] is not None
             elif obj.__class__ is Watermark:
-                if obj.lsn > running.get(key, (0, 0))[0]:  # type: ignore[union-attr]
-                    running[key] = (obj.lsn, obj.ts_ms)  # type: ignore[union-attr]
+                if obj.lsn > running.get(key, (0, 0))[0]:
+                    running[key] = (obj.lsn, obj.ts_ms)
             else:
-                letters.append(self._letter(rec, obj, decoded[1], 1))  # type: ignore[arg-type]
+                letters.append(self._letter(rec, obj, decoded[1], 1))
         if upcasts:
             self.metrics.upcasts.labels(self.name).inc(upcasts)
         positions = {k: Position(off, running.get(k, (0, 0))[0]) for k, off in offsets.items()}
@@ -653,9 +656,8 @@ class Pipeline(Service):
 
     @Service.task
     async def _run(self) -> None:
-        await self.wait_for_stopped(
-            self.ready
-        )  # the first assignment has sought to the store's positions
+        # start once the first assignment has sought to the store's positions
+        await self.wait_for_stopped(self.ready.wait())
         while not self.should_stop:
             if self.consumer is None:
                 await self.sleep(0.1)
@@ -779,7 +781,7 @@ def build_runtime(settings: Settings) -> Runtime:
     return Runtime(settings, metrics, dlq, redis_sink, ch_sink, pipelines)
 
 
-class _NoKafka(faust.App.BootStrategy):  # type: ignore[misc,name-defined]
+class _NoKafka(BootStrategy):
     """Faust's own consumer/producer stay off: the pipelines own their Kafka clients."""
 
     enable_kafka = False
@@ -814,7 +816,7 @@ def build_app(settings: Settings, runtime: Runtime) -> faust.App:
     )
     register_routes(app, runtime)
 
-    @app.task
+    @app.task  # type: ignore[untyped-decorator]
     async def _start_pipelines() -> None:
         for pipeline in runtime.pipelines.values():
             await app.add_runtime_dependency(pipeline)

@@ -367,24 +367,24 @@ def _aggregates(
         add("funnel_daily_v", (day(o["placed_at"]),), ("day",), placed=1,
             paid=int(o["paid_at"] is not None), shipped=int(o["shipped_at"] is not None))  # fmt: skip
     for p in pg["payments"]:
-        o = orders.get(p["order_id"])
-        if o is None:
+        owner = orders.get(p["order_id"])
+        if owner is None:
             continue
         capture = p["kind"] == "capture"
-        add("customer_ltv_v", (str(o["customer_id"]), o["currency"]), ("customer_id", "currency"),
+        add("customer_ltv_v", (str(owner["customer_id"]), owner["currency"]), ("customer_id", "currency"),
             paid=p["amount"] if capture else 0, refunded=0 if capture else p["amount"],
             lifetime_value=p["amount"] if capture else -p["amount"])  # fmt: skip
     for i in pg["order_items"]:
-        o = earning.get(i["order_id"])
-        if o is None:
+        paid = earning.get(i["order_id"])
+        if paid is None:
             continue
-        d, cur = day(o["paid_at"]), o["currency"]
+        d, cur = day(paid["paid_at"]), paid["currency"]
         product = products.get(i["product_id"])
         add("revenue_by_product_daily_v", (d, cur, str(i["product_id"])), ("day", "currency", "product_id"),
-            orders={o["id"]}, quantity=i["quantity"], revenue=i["line_total"])  # fmt: skip
+            orders={paid["id"]}, quantity=i["quantity"], revenue=i["line_total"])  # fmt: skip
         category = product["category"] if product else ""
         add("revenue_by_category_daily_v", (d, cur, category), ("day", "currency", "category"),
-            orders={o["id"]}, quantity=i["quantity"], revenue=i["line_total"])  # fmt: skip
+            orders={paid["id"]}, quantity=i["quantity"], revenue=i["line_total"])  # fmt: skip
     keys = {
         "revenue_daily_v": ("day", "currency"),
         "orders_by_status_daily_v": ("day", "status"),
