@@ -419,6 +419,35 @@ async def test_a_toast_column_arriving_late_is_filled_in_by_the_older_write(
     assert profile["full_name"] == "Ada King" and profile["bio"] == "first"
 
 
+async def test_a_kept_toast_value_is_taken_whole_from_the_stored_row(views: RedisViews) -> None:
+    shop = Shop()
+    bio = 'quotes " and \\ backslashes, {braces}, [brackets], commas, "bio": 1, ünïcödé ' * 50
+    events = shop.register(1, bio=bio)
+    shop.customers[1]["profile"] = {"bio": "a nested decoy", "n": 12345678901234567890}
+    events += shop.change_profile(1, bio=bio)  # bio sent again, so the row holds it
+    events += shop.change_profile(1, full_name="Ada King")  # bio unavailable
+    await views.apply(events, at(3))
+    profile = (await views.user("1"))["profile"]  # type: ignore[index]
+    assert profile["bio"] == bio
+    assert profile["profile"] == {"bio": "a nested decoy", "n": 12345678901234567890}
+    assert profile["full_name"] == "Ada King"
+
+
+async def test_an_order_column_left_out_as_unchanged_toast_keeps_its_value(
+    views: RedisViews,
+) -> None:
+    shop = Shop()
+    events = shop.register(1) + shop.place(10, 1)
+    paid = shop.pay(10)
+    del paid[0].changes[0]["after"]["shipping_address"]
+    paid[0].changes[0]["unavailable"] = ["shipping_address"]
+    await views.apply(events + paid, at(3))
+    order = await views.order("10")
+    assert order is not None
+    assert order["status"] == "paid"
+    assert order["shipping_address"] == {"country": "DE", "city": "Berlin"}
+
+
 # ---- the recent list, deletes, truncates, snapshots, other events
 
 
