@@ -186,7 +186,7 @@ async def run(n: int, batch: int, profile: bool) -> dict[str, Any]:
     events = _wire(Workload().events(n))
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:56379/0")
     client = redis.Redis.from_url(url)
-    namespace = f"bench:{uuid.uuid4().hex[:8]}"
+    namespace = f"bench-redis-apply:{uuid.uuid4().hex[:8]}"
     views = RedisViews(client, namespace)
     batches = [events[i : i + batch] for i in range(0, len(events), batch)]
     latencies = []

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
+import re
 import uuid
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -34,6 +37,8 @@ KEYS = {
     "payments": ("id",),
     "products": ("id",),
 }
+# REDIS_URL's server, database 9 unless REDIS_VIEWS_TEST_URL says otherwise
+VIEWS_URL = os.environ.get("REDIS_VIEWS_TEST_URL") or re.sub(r"(/\d*)?$", "/9", REDIS_URL, count=1)
 TOPIC = "shop.order.events"
 COUNTERS = (b"@n:", b"@spend:", b"@paid")
 
@@ -247,8 +252,29 @@ def at(offset: int, watermark: int = 0, partition: int = 0) -> dict[tuple[str, i
 
 
 @pytest.fixture
-def views(redis_client: redis.Redis, redis_namespace: str) -> RedisViews:
-    return RedisViews(redis_client, redis_namespace)
+async def client() -> AsyncIterator[redis.Redis]:
+    """A client on a database of these tests' own: SCANs of a namespace stay fast
+    however many keys others keep in db 0 (nothing is ever flushed)."""
+    client = redis.Redis.from_url(VIEWS_URL)
+    try:
+        await client.ping()
+    except redis.ConnectionError as e:
+        await client.aclose()
+        pytest.fail(f"Redis at {VIEWS_URL} is not reachable ({e}); run `make up` first")
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def namespace(client: redis.Redis) -> AsyncIterator[str]:
+    namespace = f"test:{uuid.uuid4().hex}"
+    yield namespace
+    await delete_namespace(client, namespace)
+
+
+@pytest.fixture
+def views(client: redis.Redis, namespace: str) -> RedisViews:
+    return RedisViews(client, namespace)
 
 
 # ---- lifecycle and money
@@ -339,7 +365,7 @@ async def test_lifetime_spend_is_exact_over_many_orders(views: RedisViews) -> No
 
 
 async def test_the_same_batch_applied_twice_leaves_every_key_unchanged(
-    views: RedisViews, redis_client: redis.Redis, redis_namespace: str
+    views: RedisViews, client: redis.Redis, namespace: str
 ) -> None:
     shop = Shop()
     events = shop.register(1) + shop.change_profile(1, full_name="Ada L.")
@@ -347,9 +373,9 @@ async def test_the_same_batch_applied_twice_leaves_every_key_unchanged(
         shop.place(10, 1, ["3.00", "4.00"]) + shop.pay(10) + shop.place(11, 1) + shop.cancel(11)
     )
     await views.apply(events, at(6))
-    first = await dump(redis_client, redis_namespace, positions=True)
+    first = await dump(client, namespace, positions=True)
     await views.apply(events, at(6))
-    assert await dump(redis_client, redis_namespace, positions=True) == first
+    assert await dump(client, namespace, positions=True) == first
     assert views.ops_skipped == views.ops_applied
 
 
@@ -527,7 +553,7 @@ async def test_a_truncate_seen_again_on_another_partition_keeps_later_orders(
 
 
 async def test_a_snapshot_builds_the_same_views_as_the_stream(
-    redis_client: redis.Redis, redis_namespace: str
+    client: redis.Redis, namespace: str
 ) -> None:
     shop = Shop()
     streamed = shop.register(1) + shop.place(10, 1, ["2.00"]) + shop.pay(10) + shop.place(11, 1)
@@ -535,8 +561,8 @@ async def test_a_snapshot_builds_the_same_views_as_the_stream(
     assert {e.event_type for e in snapshot} == {
         "CustomerSnapshotted", "OrderSnapshotted", "OrderItemSnapshotted", "PaymentSnapshotted",
     }  # fmt: skip
-    a = RedisViews(redis_client, f"{redis_namespace}:a")
-    b = RedisViews(redis_client, f"{redis_namespace}:b")
+    a = RedisViews(client, f"{namespace}:a")
+    b = RedisViews(client, f"{namespace}:b")
     await a.apply(streamed, at(5))
     await b.apply(snapshot, at(5))
     for oid in ("10", "11"):
@@ -545,7 +571,7 @@ async def test_a_snapshot_builds_the_same_views_as_the_stream(
 
 
 async def test_events_of_other_tables_are_accepted_and_leave_no_view(
-    views: RedisViews, redis_client: redis.Redis, redis_namespace: str
+    views: RedisViews, client: redis.Redis, namespace: str
 ) -> None:
     shop = Shop()
     events = shop.add_product(5)
@@ -555,7 +581,7 @@ async def test_events_of_other_tables_are_accepted_and_leave_no_view(
     )  # fmt: skip
     await views.apply(events, at(2))
     assert views.events_applied == 2
-    assert list(await dump(redis_client, redis_namespace)) == []
+    assert list(await dump(client, namespace)) == []
     assert await views.positions() == at(2)
 
 
@@ -578,9 +604,9 @@ async def test_watermark_is_the_minimum_over_partitions(views: RedisViews) -> No
 
 
 async def test_a_partition_not_seen_yet_holds_the_watermark_at_zero(
-    redis_client: redis.Redis, redis_namespace: str
+    client: redis.Redis, namespace: str
 ) -> None:
-    views = RedisViews(redis_client, redis_namespace, partitions=[(TOPIC, 0), (TOPIC, 1)])
+    views = RedisViews(client, namespace, partitions=[(TOPIC, 0), (TOPIC, 1)])
     await views.apply([], {(TOPIC, 0): Position(1, 900)})
     assert await views.watermark() == 0
     await views.apply([], {(TOPIC, 1): Position(1, 800)})
@@ -644,7 +670,7 @@ def test_any_delivery_order_with_duplicates_converges_to_the_in_order_state(
     cuts = sorted(data.draw(st.sets(st.integers(0, len(shuffled)), max_size=5)))
 
     async def run() -> None:
-        client = redis.Redis.from_url(REDIS_URL)
+        client = redis.Redis.from_url(VIEWS_URL)
         base = f"test:{uuid.uuid4().hex}"
         try:
             in_order, any_order = RedisViews(client, f"{base}:a"), RedisViews(client, f"{base}:b")
