@@ -190,6 +190,13 @@ end
 
 -- ---- the customer's derived view
 
+-- Recent-list members: numeric ids zero-padded to 20 digits, so that orders
+-- placed in the same µs rank by id (newest first), as numbers.
+local function member(oid)
+  if #oid < 20 and not sfind(oid, '%D') then return string.rep('0', 20 - #oid) .. oid end
+  return oid
+end
+
 local function split_link(s)
   return string.match(s, '^(.*)|([^|]*)|([^|]*)|([^|]*)$')
 end
@@ -227,12 +234,12 @@ local function relinked(oid, old, new, ts)
     end
     if nc ~= oc then
       local rkey = ukey .. ':recent'
-      call('ZADD', rkey, ts or '0', oid)
+      call('ZADD', rkey, ts or '0', member(oid))
       call('ZREMRANGEBYRANK', rkey, 0, -(RECENT + 1))
       index_user(nc)
     end
   end
-  if old ~= '' and nc ~= oc then call('ZREM', ns .. ':user:' .. oc .. ':recent', oid) end
+  if old ~= '' and nc ~= oc then call('ZREM', ns .. ':user:' .. oc .. ':recent', member(oid)) end
 end
 
 local function relink(oid)

@@ -7,7 +7,9 @@ local h = redis.call('HGETALL', ukey)
 if #h == 0 then return false end
 local ids = redis.call('ZREVRANGE', ukey .. ':recent', 0, 19)
 local rows = {}
-for i, oid in ipairs(ids) do
+for i, m in ipairs(ids) do
+  local oid = string.gsub(m, '^0+(%d)', '%1')  -- members of numeric ids are zero-padded
+  ids[i] = oid
   rows[i] = redis.call('HMGET', ns .. ':order:' .. oid, '@s', '@row')
 end
 return { h, ids, rows }

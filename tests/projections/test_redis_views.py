@@ -495,6 +495,18 @@ async def test_recent_orders_are_newest_first_and_trimmed_to_twenty(views: Redis
     assert user["order_counts"]["pending"] == 30
 
 
+async def test_orders_placed_at_the_same_time_rank_by_id_as_numbers(views: RedisViews) -> None:
+    shop = Shop()
+    events = shop.register(1)
+    for oid in (9, 10, 100):
+        events += shop.place(oid, 1)
+        shop.orders[oid]["placed_at"] = "2026-11-26T12:00:00Z"
+        events[-1].changes[0]["after"]["placed_at"] = "2026-11-26T12:00:00Z"
+    await views.apply(events, at(4))
+    user = await views.user("1")
+    assert [o["order_id"] for o in user["recent_orders"]] == ["100", "10", "9"]  # type: ignore[index]
+
+
 async def test_a_deleted_order_leaves_the_counts_the_spend_and_the_list(views: RedisViews) -> None:
     shop = Shop()
     events = shop.register(1) + shop.place(10, 1) + shop.place(11, 1, ["4.00"]) + shop.pay(11)
