@@ -17,7 +17,7 @@ accepted and ignored.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final
@@ -48,26 +48,14 @@ def _text(value: Any) -> str:
     return value if value.__class__ is str else str(value)
 
 
-def _activity(ts: Any) -> str:
-    """A timestamptz ("...:SS[.f]Z") at fixed width, so Lua compares it as a string."""
+def _micros(ts: Any) -> str:
+    """A timestamptz as µs since the epoch (exact in a Lua double until 2255); "" if none."""
     if ts.__class__ is not str:
         return ""
-    n = len(ts)
-    if n == 27:
-        return ts
-    if n == 20:
-        return ts[:19] + ".000000Z"
-    return ts[:-1].ljust(26, "0") + "Z"
-
-
-def _micros(ts: Any) -> str:
-    """placed_at as µs since the epoch: the score of the recent-orders list (exact in a double)."""
-    if ts.__class__ is not str:
-        return "0"
     try:
         delta = datetime.fromisoformat(ts) - _EPOCH
     except (TypeError, ValueError):
-        return "0"
+        return ""
     return str((delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds)
 
 
@@ -88,6 +76,11 @@ def _cents(amount: Any) -> int:
             "money as integer cents (payments.amount is numeric(12,2))"
         )
     return int(value)
+
+
+def _iso(micros: int) -> str:
+    """µs since the epoch -> ISO 8601 UTC with 6 fraction digits and "Z"."""
+    return (_EPOCH + timedelta(microseconds=micros)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def money(cents: int) -> str:
@@ -182,7 +175,7 @@ def digest(events: Iterable[DomainEvent], fields: list[str]) -> int:
                 )
                 placed = row.get("placed_at")
                 order_op = [
-                    "O", _id(id_), rv, _activity(row.get("updated_at")),
+                    "O", _id(id_), rv, _micros(row.get("updated_at")),
                     "" if cust is None else _id(cust),
                     "" if status is None else _id(status),
                     "" if currency is None else _id(currency),
@@ -199,7 +192,7 @@ def digest(events: Iterable[DomainEvent], fields: list[str]) -> int:
                     cents = -cents
                 fields += ("P", _id(oid), _id(id_), rv, str(cents))
             else:
-                fields += ("C", _id(id_), rv, _activity(row.get("updated_at")))
+                fields += ("C", _id(id_), rv, _micros(row.get("updated_at")))
                 _row(fields, change, row)
         if tail:
             fields += tail
@@ -274,7 +267,7 @@ class RedisViews:
         reply = await self._read_user(args=[self.namespace, customer_id])
         if reply is None:
             return None
-        flat, ids, rows = reply
+        flat, ids, rows, last = reply
         fields = _fields(flat)
         counts = dict.fromkeys(STATUSES, 0)
         spend: dict[str, str] = {}
@@ -293,7 +286,6 @@ class RedisViews:
                 "currency": row.get("currency"),
                 "placed_at": row.get("placed_at"),
             })  # fmt: skip
-        last = fields.get("@last")
         return {
             "customer_id": customer_id,
             "profile": _columns(fields),
@@ -301,7 +293,7 @@ class RedisViews:
             "orders": sum(counts.values()),
             "lifetime_spend": dict(sorted(spend.items())),
             "recent_orders": recent,
-            "last_activity": None if last is None else _s(last),
+            "last_activity": None if last is None else _iso(int(float(last))),
         }
 
     async def order(self, order_id: str) -> dict[str, Any] | None:

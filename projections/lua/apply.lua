@@ -17,8 +17,8 @@
 --   T table rv                         truncate of a table
 -- rv (row version) is the event version zero-padded to 25 digits followed by the
 -- change's seq padded to 10: fixed width, so plain string comparison orders them
--- (versions exceed 2^53; Lua numbers are doubles). act is the row's updated_at,
--- normalized to fixed width by Python, so it compares as a string too.
+-- (versions exceed 2^53; Lua numbers are doubles). act is the row's updated_at
+-- in µs since the epoch.
 -- A row is stored whole as one JSON field (@row): every argument of a Redis
 -- call costs, and a row has many columns.
 -- Returns {row changes applied, row changes skipped as replayed or older}.
@@ -130,7 +130,7 @@ end
 
 -- Derived fields live beside a row in its hash and survive its delete.
 local function is_row_field(f)
-  return not (f == '@paid' or f == '@link' or f == '@last'
+  return not (f == '@paid' or f == '@link'
     or ssub(f, 1, 3) == '@n:' or ssub(f, 1, 7) == '@spend:')
 end
 
@@ -150,10 +150,11 @@ end
 local last_seen, user_list, user_seen, order_list, order_seen = {}, {}, {}, {}, {}
 local dirty_list, dirty_seen = {}, {}
 
+-- act: updated_at in µs since the epoch (exact in a double until the year 2255)
 local function activity(cust, act)
   if act == '' or cust == '' then return end
   local last = last_seen[cust]
-  if not last or act > last then last_seen[cust] = act end
+  if not last or tonumber(act) > tonumber(last) then last_seen[cust] = act end
 end
 
 local function index_user(id)
@@ -365,11 +366,18 @@ local function flush()
   for _, oid in ipairs(dirty_list) do
     if dirty_seen[oid] then relink(oid) end
   end
+  -- one ZADD GT for the whole batch: the score only ever grows
+  local args, n = { ns .. ':last', 'GT' }, 0
   for cust, act in pairs(last_seen) do
-    local ukey = ns .. ':user:' .. cust
-    local last = call('HGET', ukey, '@last')
-    if not last or act > last then call('HSET', ukey, '@last', act) end
+    args[#args + 1] = act
+    args[#args + 1] = cust
+    n = n + 1
+    if n == 3000 then
+      call('ZADD', unpack(args))
+      args, n = { ns .. ':last', 'GT' }, 0
+    end
   end
+  if n > 0 then call('ZADD', unpack(args)) end
   flush_index()
 end
 

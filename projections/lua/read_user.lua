@@ -12,4 +12,4 @@ for i, m in ipairs(ids) do
   ids[i] = oid
   rows[i] = redis.call('HMGET', ns .. ':order:' .. oid, '@s', '@row')
 end
-return { h, ids, rows }
+return { h, ids, rows, redis.call('ZSCORE', ns .. ':last', id) }
