@@ -492,30 +492,34 @@ end
 
 -- ---- positions: the offset and the watermark of a partition never move backwards
 
+-- Written last: a script that fails half-way (Redis does not roll back the
+-- writes before the error) leaves the positions where they were, so the batch
+-- is delivered again and the guards make the replay harmless.
 local npos = tonumber(F[1])
-local i = 2
-if npos > 0 then
+local function store_positions()
+  if npos == 0 then return end
   local pkey = ns .. ':positions'
   local q = { pkey }
-  for k = 0, npos - 1 do q[#q + 1] = F[i + 3 * k] end
+  for k = 0, npos - 1 do q[#q + 1] = F[2 + 3 * k] end
   local old = call('HMGET', unpack(q))
   local args = { pkey }
   for k = 0, npos - 1 do
-    local off, wm = F[i + 3 * k + 1], F[i + 3 * k + 2]
+    local off, wm = F[2 + 3 * k + 1], F[2 + 3 * k + 2]
     local o = old[k + 1]
     if o then
       local ooff, owm = ssub(o, 1, 20), ssub(o, 22, 41)
       if ooff > off then off = ooff end
       if owm > wm then wm = owm end
     end
-    args[#args + 1] = F[i + 3 * k]
+    args[#args + 1] = F[2 + 3 * k]
     args[#args + 1] = off .. ' ' .. wm
   end
   call('HSET', unpack(args))
-  i = i + 3 * npos
 end
 
 -- ---- the ops
+
+local i = 2 + 3 * npos
 
 local applied, skipped = 0, 0
 local nargs = #F
@@ -585,4 +589,5 @@ while i <= nargs do
   end
 end
 flush()
+store_positions()
 return { applied, skipped }
