@@ -261,8 +261,12 @@ class ChdbBackend:
         self._sqlitelike = sqlitelike
         self._error: type[Exception] = ChdbError
         path.mkdir(parents=True, exist_ok=True)
+        # Writes and reads on connections of their own: a query (the API's)
+        # does not wait behind a batch insert of the worker.
         self._lock = threading.Lock()
         self._conn = self._connect(_SESSION_SETTINGS)
+        self._read_lock = threading.Lock()
+        self._read_conn = self._connect(_SESSION_SETTINGS)
         # chdb may crash in its own shutdown when the interpreter exits with a
         # connection still open: close it first.
         atexit.register(self.close)
@@ -307,8 +311,8 @@ class ChdbBackend:
         database: str | None = None,
     ) -> QueryResult:
         if not settings and database is None:
-            with self._lock:
-                return _rows_from_json(self._run(self._conn, sql, params, "JSONCompact"))
+            with self._read_lock:
+                return _rows_from_json(self._run(self._read_conn, sql, params, "JSONCompact"))
         # Settings go on a throwaway session, set before the query: a readonly=1
         # session refuses every later attempt to change them (also from the SQL).
         settings = settings or {}
@@ -352,6 +356,10 @@ class ChdbBackend:
         return payload
 
     def close(self) -> None:
+        with self._read_lock:
+            if self._read_conn is not None:
+                self._read_conn.close()
+                self._read_conn = None
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
