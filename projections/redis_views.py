@@ -44,10 +44,6 @@ class RedisViewsError(ValueError):
     """An event carries a value the views cannot hold exactly."""
 
 
-def _text(value: Any) -> str:
-    return value if value.__class__ is str else str(value)
-
-
 def _micros(ts: Any) -> str:
     """A timestamptz as µs since the epoch (exact in a Lua double until 2255); "" if none."""
     if ts.__class__ is not str:
@@ -67,7 +63,7 @@ def _cents(amount: Any) -> int:
             cents = int(whole) * 100 + int(frac) * (-1 if whole.startswith("-") else 1)
             return cents
     try:
-        value = Decimal(_text(amount)) * 100
+        value = Decimal(_id(amount)) * 100
     except InvalidOperation:
         value = Decimal("NaN")
     if not value.is_finite() or value != value.to_integral_value():
@@ -123,31 +119,25 @@ def digest(events: Iterable[DomainEvent], fields: list[str]) -> int:
             op = change["op"]
             rv = f"{version:025d}{source['seq']:010d}"
             ops += 1
+            if op == "t":
+                fields += ("T", table, rv)
+                continue
             if table == "order_items":
                 row = change["before"] if op == "d" else change["after"]
-                if op == "t" or not row:
-                    if op == "t":
-                        fields += ("T", "order_items", rv)
+                if not row or (oid := row.get("order_id")) is None:
                     continue
-                oid, line = row.get("order_id"), row.get("line_no")
-                if oid is None or line is None:
+                if (line := row.get("line_no")) is None:
                     continue
-                oid_b = _id(oid)
-                if item_order is not None and oid_b != item_order:
+                oid = _id(oid)
+                if item_order is not None and oid != item_order:
                     fields += ("I", item_order, str(len(items) // 3), *items)
                     items = []
-                item_order = oid_b
+                item_order = oid
                 if op == "d":
                     items += (_id(line), rv, "")
                 else:
-                    items += (
-                        _id(line),
-                        rv,
-                        dumps({k: v for k, v in row.items() if k != "order_id"}).decode(),
-                    )
-                continue
-            if op == "t":
-                fields += ("T", table, rv)
+                    item = {k: v for k, v in row.items() if k != "order_id"}
+                    items += (_id(line), rv, dumps(item).decode())
                 continue
             if op == "d":
                 row = change["before"]

@@ -180,6 +180,8 @@ class Shop:
         )
 
     def truncate(self, *tables: str) -> list[DomainEvent]:
+        if "payments" in tables:
+            self.payments.clear()
         if "orders" in tables:
             self.orders.clear()
             self.items.clear()
@@ -672,7 +674,12 @@ def _history(data: st.DataObject) -> list[DomainEvent]:
             extra = {"bio": f"bio {len(events)}"} if move == "bio" else {}
             events += shop.change_profile(cid, full_name=f"name {len(events)}", **extra)
         elif move == "truncate" and data.draw(st.booleans()):
-            events += shop.truncate("orders", "order_items", "payments")
+            tables = data.draw(st.sampled_from([
+                ("orders", "order_items", "payments"),
+                ("payments",),
+                ("customers", "orders", "order_items", "payments"),
+            ]))  # fmt: skip
+            events += shop.truncate(*tables)
         elif live:
             oid = data.draw(st.sampled_from(live))
             status = shop.orders[oid]["status"]
