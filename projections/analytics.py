@@ -121,13 +121,20 @@ _REFUSALS: Final = {
     "Code: 164.": "the statement writes or changes settings; only reads are allowed",
     "Code: 159.": "the statement ran longer than {timeout} s; narrow it down (WHERE, LIMIT)",
     "Code: 396.": "the result has more than {max_rows} rows; add a LIMIT or aggregate",
+    "Code: 241.": "the statement needs more than {memory} bytes of memory; narrow it down",
 }
+MAX_MEMORY_BYTES: Final = 2 << 30  # the worker shares its process with the engine: cap a query
 
 
 def readonly_query(
-    backend: Backend, database: str, sql: str, max_rows: int, timeout_s: float
+    backend: Backend,
+    database: str,
+    sql: str,
+    max_rows: int,
+    timeout_s: float,
+    max_memory_bytes: int = MAX_MEMORY_BYTES,
 ) -> QueryResult:
-    """Run one analyst statement read-only, with a time and a row limit.
+    """Run one analyst statement read-only, with a time, a row and a memory limit.
 
     The session is made read-only (readonly=1) before the statement runs, so
     nothing in the statement can write or lift the limits. Unqualified table
@@ -148,6 +155,7 @@ def readonly_query(
         "timeout_overflow_mode": "throw",
         "max_result_rows": max_rows,
         "result_overflow_mode": "throw",
+        "max_memory_usage": max_memory_bytes,
         "readonly": 1,
     }
     try:
@@ -156,5 +164,7 @@ def readonly_query(
         text = str(exc)
         for code, message in _REFUSALS.items():
             if code in text:
-                raise AnalyticsError(message.format(timeout=timeout_s, max_rows=max_rows)) from None
+                raise AnalyticsError(
+                    message.format(timeout=timeout_s, max_rows=max_rows, memory=max_memory_bytes)
+                ) from None
         raise AnalyticsError(text) from None

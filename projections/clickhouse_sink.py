@@ -388,10 +388,14 @@ class ClickHouseSink:
         return analytics.funnel(self.backend, self.database, start, end)
 
     def readonly_query(
-        self, sql: str, max_rows: int = 10_000, timeout_s: float = 10.0
+        self,
+        sql: str,
+        max_rows: int = 10_000,
+        timeout_s: float = 10.0,
+        max_memory_bytes: int = analytics.MAX_MEMORY_BYTES,
     ) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
         result: QueryResult = analytics.readonly_query(
-            self.backend, self.database, sql, max_rows, timeout_s
+            self.backend, self.database, sql, max_rows, timeout_s, max_memory_bytes
         )
         return result.columns, result.rows
 

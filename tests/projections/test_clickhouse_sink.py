@@ -525,3 +525,11 @@ def test_readonly_query_refuses(sink: ClickHouseSink, sql: str, message: str) ->
     with pytest.raises(AnalyticsError, match=message):
         sink.readonly_query(sql, max_rows=100, timeout_s=0.5)
     assert q(sink, "SELECT count() FROM system.tables WHERE database = '{db}' AND name = 'orders'") == [(1,)]  # fmt: skip
+
+
+def test_readonly_query_refuses_a_statement_over_its_memory_limit(sink: ClickHouseSink) -> None:
+    with pytest.raises(AnalyticsError, match="more than 50000000 bytes of memory"):
+        sink.readonly_query(
+            "SELECT length(groupArray(number)) FROM numbers(100000000)",
+            max_rows=10, timeout_s=20, max_memory_bytes=50_000_000,
+        )  # fmt: skip
