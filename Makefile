@@ -31,7 +31,7 @@ migrate: up
 	@$(PY) -m writer migrate
 
 run: migrate
-	@$(PY) -m writer load --rate 200 --duration 0 --concurrency 8 --live
+	@$(PY) stack/run.py
 
 test: migrate
 	@$(PY) -m pytest $(PYTEST_ARGS)
