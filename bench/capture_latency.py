@@ -22,7 +22,6 @@ import psycopg
 from confluent_kafka import Consumer, TopicPartition
 
 from bench.capture_drain import DB, dsn_for
-from cdc.lsn import parse_lsn
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:59092")

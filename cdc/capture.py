@@ -242,15 +242,15 @@ class Capture:
                 for data in batch:
                     msg = parse_copy_data(data)
                     if msg.__class__ is XLogData:
-                        for item in assembler.feed(msg.wal_start, msg.payload):  # type: ignore[union-attr]
+                        for item in assembler.feed(msg.wal_start, msg.payload):
                             if item.__class__ is RowChange:
-                                if item.table == SIGNAL_TABLE and is_signal(item):  # type: ignore[arg-type]
-                                    self._signal(item, runner)  # type: ignore[arg-type]
+                                if item.table == SIGNAL_TABLE and is_signal(item):
+                                    self._signal(item, runner)
                                     continue
                                 progress.changes += 1
                                 if tracker.watching:
-                                    tracker.change(item)  # type: ignore[arg-type]
-                                for event in mapper.add(item):  # type: ignore[arg-type]
+                                    tracker.change(item)
+                                for event in mapper.add(item):
                                     self._publish(event, tx)
                                 if progress.changes & 1023 == 0 and publisher.in_flight() > s.max_in_flight:
                                     # a replayed streamed transaction is one long loop: keep
@@ -258,24 +258,24 @@ class Capture:
                                     await self._drain(publisher, s.max_in_flight // 2, repl, ckpt)
                             elif item.__class__ is TransactionStart:
                                 tx = ckpt.begin()
-                                mapper.begin(item.commit_lsn, item.commit_ts_ms, item.xid)  # type: ignore[union-attr]
+                                mapper.begin(item.commit_lsn, item.commit_ts_ms, item.xid)
                             elif item.__class__ is TransactionEnd:
                                 for event in mapper.end():
                                     self._publish(event, tx)
                                 assert tx is not None
-                                ckpt.seal(tx, item.end_lsn)  # type: ignore[union-attr]
+                                ckpt.seal(tx, item.end_lsn)
                                 tx = None
-                                progress.watermark_lsn = max(progress.watermark_lsn, item.end_lsn)  # type: ignore[union-attr]
-                                progress.last_commit_ts_ms = item.commit_ts_ms  # type: ignore[union-attr]
+                                progress.watermark_lsn = max(progress.watermark_lsn, item.end_lsn)
+                                progress.last_commit_ts_ms = item.commit_ts_ms
                                 m.transactions.inc()
                             elif item.__class__ is LogicalMessage:
-                                if item.prefix == MARK_PREFIX and item.transactional:  # type: ignore[union-attr]
-                                    mark = parse_mark(item.content)  # type: ignore[union-attr]
+                                if item.prefix == MARK_PREFIX and item.transactional:
+                                    mark = parse_mark(item.content)
                                     if mark is not None:
-                                        for row in runner.on_mark(mark, item.commit_lsn, item.commit_ts_ms):  # type: ignore[union-attr]
+                                        for row in runner.on_mark(mark, item.commit_lsn, item.commit_ts_ms):
                                             self._publish(mapper.snapshot(row), tx)
-                        if msg.wal_start > progress.received_lsn:  # type: ignore[union-attr]
-                            progress.received_lsn = msg.wal_start  # type: ignore[union-attr]
+                        if msg.wal_start > progress.received_lsn:
+                            progress.received_lsn = msg.wal_start
                     else:  # primary keepalive
                         wal_end = msg.wal_end
                         if not assembler.in_transaction and not assembler.open_streams:

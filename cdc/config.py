@@ -80,7 +80,7 @@ class Settings:
         env = os.environ
         d = cls.__new__(cls)
         for f in fields(cls):
-            object.__setattr__(d, f.name, f.default_factory() if f.default is MISSING else f.default)  # type: ignore[misc]
+            object.__setattr__(d, f.name, f.default_factory() if f.default is MISSING else f.default)  # type: ignore[operator]
         values: dict[str, object] = {
             "pg_dsn": env.get("PG_DSN") or d.pg_dsn,
             "kafka_bootstrap": env.get("KAFKA_BOOTSTRAP") or d.kafka_bootstrap,

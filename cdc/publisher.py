@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from cdc.events import encode_watermark
 
@@ -76,7 +76,7 @@ class Publisher:
                 "logger": _KAFKA_LOG,
             }
         )
-        self._admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _KAFKA_LOG})
+        self._admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _KAFKA_LOG})  # type: ignore[dict-item]
         self.topics: dict[str, int] = {}
         self.error: str | None = None
         self.broker_down_since: float | None = None

@@ -61,7 +61,7 @@ class ReplicationConnection:
             raise ReplicationError(f'cannot create replication slot "{name}": {exc}') from None
         row = await cur.fetchone()
         assert row is not None
-        return SlotInfo(str(row[0]), parse_lsn(str(row[1])), (row[2] and str(row[2])) or None)
+        return SlotInfo(str(row[0]), parse_lsn(str(row[1])), str(row[2]) if row[2] else None)
 
     async def start(
         self,

@@ -109,7 +109,7 @@ def _table_rows(conn: psycopg.Connection[tuple[object, ...]], schema: str, names
         """,
         (schema, list(names), list(names)),
     ).fetchall()
-    return [TableInfo(str(r[0]), str(r[1]), tuple(r[3] or ()), str(r[2])) for r in rows]  # type: ignore[call-overload]
+    return [TableInfo(str(r[0]), str(r[1]), tuple(str(k) for k in r[3] or ()), str(r[2])) for r in rows]  # type: ignore[attr-defined]
 
 
 def ensure_publication(conn: psycopg.Connection[tuple[object, ...]], settings: Settings) -> list[TableInfo]:
