@@ -7,7 +7,8 @@ COPY writer ./writer
 COPY cdc ./cdc
 COPY projections ./projections
 COPY sql ./sql
-RUN pip install .
+# editable: the packages find sql/ beside them in /app
+RUN pip install -e .
 RUN useradd --system --home /app readside && mkdir -p /app/.local && chown readside /app/.local
 USER readside
 CMD ["python", "-m", "cdc", "run"]
