@@ -101,16 +101,24 @@ def _row(fields: list[str], change: dict[str, Any], row: dict[str, Any]) -> None
         fields.append("0")
 
 
+class _Order:
+    """The ops of one order's rows in one event: its row, its payments and its items."""
+
+    __slots__ = ("items", "payments", "row")
+
+    def __init__(self) -> None:
+        self.row: list[str] = ["-"]
+        self.payments: list[str] = []
+        self.items: list[str] = []
+
+
 def digest(events: Iterable[DomainEvent], fields: list[str]) -> int:
     """Append the ops of `events` to `fields` (apply.lua's layout); returns the row changes taken."""
     dumps = _dumps
     ops = 0
     for event in events:
         version = event.version
-        items: list[str] = []
-        item_order: str | None = None
-        # Order rows go after the event's payments: linked with @paid up to date.
-        tail: list[str] = []
+        orders: dict[str, _Order] = {}
         for change in event.changes:
             source = change["source"]
             table = source["table"]
@@ -122,72 +130,63 @@ def digest(events: Iterable[DomainEvent], fields: list[str]) -> int:
             if op == "t":
                 fields += ("T", table, rv)
                 continue
-            if table == "order_items":
-                row = change["before"] if op == "d" else change["after"]
-                if not row or (oid := row.get("order_id")) is None:
+            row = change["before"] if op == "d" else change["after"]
+            if not row:
+                continue
+            if table == "customers":
+                if (id_ := row.get("id")) is None:
                     continue
-                if (line := row.get("line_no")) is None:
-                    continue
-                oid = _id(oid)
-                if item_order is not None and oid != item_order:
-                    fields += ("I", item_order, str(len(items) // 3), *items)
-                    items = []
-                item_order = oid
                 if op == "d":
-                    items += (_id(line), rv, "")
+                    fields += ("c", _id(id_), rv)
                 else:
-                    item = {k: v for k, v in row.items() if k != "order_id"}
-                    items += (_id(line), rv, dumps(item).decode())
+                    fields += ("C", _id(id_), rv, _micros(row.get("updated_at")))
+                    _row(fields, change, row)
                 continue
-            if op == "d":
-                row = change["before"]
-                if not row:
-                    continue
-                if table == "payments":
-                    # A payments delete under the default replica identity carries
-                    # only its id: without the order it cannot be placed (see docs).
-                    oid, pid = row.get("order_id"), row.get("id")
-                    if oid is not None and pid is not None:
-                        fields += ("P", _id(oid), _id(pid), rv, "D")
-                    continue
-                id_ = row.get("id")
-                if id_ is not None:
-                    fields += ("o" if table == "orders" else "c", _id(id_), rv)
+            # A payments delete under the default replica identity carries only
+            # its id: without the order it cannot be placed (see docs).
+            oid = row.get("id") if table == "orders" else row.get("order_id")
+            if oid is None:
                 continue
-            row = change["after"]
-            if not row or (id_ := row.get("id")) is None:
-                continue
+            oid = _id(oid)
+            order = orders.get(oid)
+            if order is None:
+                order = orders[oid] = _Order()
             if table == "orders":
-                cust, status, currency = (
-                    row.get("customer_id"),
-                    row.get("status"),
-                    row.get("currency"),
-                )
-                placed = row.get("placed_at")
-                order_op = [
-                    "O", _id(id_), rv, _micros(row.get("updated_at")),
+                if op == "d":
+                    order.row = ["o", rv]
+                    continue
+                cust, status = row.get("customer_id"), row.get("status")
+                currency, placed = row.get("currency"), row.get("placed_at")
+                order.row = [
+                    "O", rv, _micros(row.get("updated_at")),
                     "" if cust is None else _id(cust),
                     "" if status is None else _id(status),
                     "" if currency is None else _id(currency),
                     "" if placed is None else _micros(placed),
                 ]  # fmt: skip
-                _row(order_op, change, row)
-                tail += order_op
-            elif table == "payments":
-                oid = row.get("order_id")
-                if oid is None:
+                _row(order.row, change, row)
+            elif table == "order_items":
+                if (line := row.get("line_no")) is None:
                     continue
-                cents = _cents(row.get("amount", "0"))
-                if row.get("kind") == "refund":
-                    cents = -cents
-                fields += ("P", _id(oid), _id(id_), rv, str(cents))
+                if op == "d":
+                    order.items += (_id(line), rv, "")
+                else:
+                    item = {k: v for k, v in row.items() if k != "order_id"}
+                    order.items += (_id(line), rv, dumps(item).decode())
             else:
-                fields += ("C", _id(id_), rv, _micros(row.get("updated_at")))
-                _row(fields, change, row)
-        if tail:
-            fields += tail
-        if items:
-            fields += ("I", item_order, str(len(items) // 3), *items)  # type: ignore[arg-type]
+                if (pid := row.get("id")) is None:
+                    continue
+                if op == "d":
+                    order.payments += (_id(pid), rv, "D")
+                else:
+                    cents = _cents(row.get("amount", "0"))
+                    if row.get("kind") == "refund":
+                        cents = -cents
+                    order.payments += (_id(pid), rv, str(cents))
+        for oid, order in orders.items():
+            fields += ("G", oid, *order.row, str(len(order.payments) // 3), *order.payments)
+            fields.append(str(len(order.items) // 3))
+            fields += order.items
     return ops
 
 
@@ -288,19 +287,19 @@ class RedisViews:
 
     async def order(self, order_id: str) -> dict[str, Any] | None:
         """The order's view with its items, JSON-ready; None for an unknown or deleted order."""
-        reply = await self._read_order(args=[self.namespace, order_id])
-        if reply is None:
+        flat = await self._read_order(args=[self.namespace, order_id])
+        if flat is None:
             return None
-        flat, item_flat = reply
         fields = _fields(flat)
         row = _columns(fields)
         if row is None:
             return None
         items = []
-        for i in range(1, len(item_flat), 2):
-            packed = _s(item_flat[i])
-            if len(packed) > 36:
-                items.append(_loads(packed[36:]))
+        for name, packed in fields.items():
+            if name.startswith("i:"):
+                item = _s(packed)[36:]
+                if item:
+                    items.append(_loads(item))
         items.sort(key=lambda item: item.get("line_no") or 0)
         return {
             "order_id": order_id,

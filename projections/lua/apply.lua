@@ -10,10 +10,15 @@
 -- (projections/redis_views.py builds them):
 --   C id rv act row m col ...          customers row upsert: row = the after-image
 --                                      as compact JSON, then m unavailable columns
---   O id rv act cust status currency placed row m col ...   orders row upsert
---   c id rv | o id rv                  customers / orders row delete
---   I order k (line rv json) ...       k order_items rows of one order; json '' = delete
---   P order payment rv cents           payments row (signed cents; 'D' = delete)
+--   c id rv                            customers row delete
+--   G order ROW np (payment rv cents)... ni (line rv json)...
+--                                      the orders, payments and order_items rows
+--                                      of one order in one event, applied with
+--                                      one HMGET and one HSET; ROW is one of
+--                                        O rv act cust status currency placed row m col ...
+--                                        o rv   (delete)
+--                                        -      (no orders row)
+--                                      cents: signed, 'D' = deleted; json '' = deleted
 --   T table rv                         truncate of a table
 -- rv (row version) is the event version zero-padded to 25 digits followed by the
 -- change's seq padded to 10: fixed width, so plain string comparison orders them
@@ -128,10 +133,17 @@ local function format_lag(lag)
   return table.concat(parts)
 end
 
--- Derived fields live beside a row in its hash and survive its delete.
+-- Derived fields and child rows (i:<line>, p:<payment>) live beside a row in
+-- its hash and survive its delete.
 local function is_row_field(f)
-  return not (f == '@paid' or f == '@link'
+  local two = ssub(f, 1, 2)
+  return not (f == '@paid' or f == '@link' or two == 'i:' or two == 'p:'
     or ssub(f, 1, 3) == '@n:' or ssub(f, 1, 7) == '@spend:')
+end
+
+local function commit(set, gone)
+  if #gone > 1 then call('HDEL', unpack(gone)) end
+  if #set > 1 then call('HSET', unpack(set)) end
 end
 
 local function drop_row_fields(key)
@@ -143,12 +155,9 @@ local function drop_row_fields(key)
   if #d > 1 then call('HDEL', unpack(d)) end
 end
 
--- ---- per batch, not per op: the newest activity per customer, the ids to
--- index and the orders whose contribution to their customer must be
--- recomputed (relink is state-based, so once at the end of the batch is enough).
+-- ---- per batch, not per op: the newest activity per customer and the ids to index
 
 local last_seen, user_list, user_seen, order_list, order_seen = {}, {}, {}, {}, {}
-local dirty_list, dirty_seen = {}, {}
 
 -- act: updated_at in µs since the epoch (exact in a double until the year 2255)
 local function activity(cust, act)
@@ -169,12 +178,6 @@ local function index_order(id)
     order_seen[id] = true
     order_list[#order_list + 1] = id
   end
-end
-
--- dirty_seen[oid]: true = relink at the end; false = already linked by its upsert
-local function mark(oid)
-  if dirty_seen[oid] == nil then dirty_list[#dirty_list + 1] = oid end
-  dirty_seen[oid] = true
 end
 
 local function sadd_all(key, list)
@@ -258,63 +261,35 @@ end
 -- unchanged TOAST value) keeps its value, moved out of @row into its own field
 -- "c:<column>", and @lag remembers the version that value is from, so an older
 -- write may still fill it in: any delivery order converges.
--- Orders (`oid` given) carry in `extra` what their link is made of (customer,
--- status, currency, placed_at; '' = keep the stored one) and are linked right
--- here, in the same calls as the row write, when all of it is known.
-local function upsert(key, rv, row, ui, m, extra, oid)
-  local st
-  if oid then
-    st = call('HMGET', key, '@v', '@del', '@lag', '@link', '@paid')
-  else
-    st = call('HMGET', key, '@v', '@del', '@lag')
-  end
-  local cur, del, lag_s = st[1], st[2], st[3]
+-- Adds the write to `set` (field, value pairs of one HSET) and `gone` (fields
+-- to HDEL), given the stored @v, @del and @lag; returns 'new' (a newer write),
+-- 'fill' (an older one filled lagging columns) or nil (nothing to do).
+local function row_write(key, rv, row, ui, m, cur, del, lag_s, set, gone)
   if cur and rv <= cur then
-    if rv == cur or del or not lag_s then return false end
+    if rv == cur or del or not lag_s then return nil end
     local lag = parse_lag(lag_s)
-    local args = { key }
+    local filled = false
     for c, lv in pairs(lag) do
       if rv > lv then
         local v = json_member(row, c)
         if v then
-          args[#args + 1] = 'c:' .. c
-          args[#args + 1] = v
+          set[#set + 1] = 'c:' .. c
+          set[#set + 1] = v
           lag[c] = rv
+          filled = true
         end
       end
     end
-    if #args == 1 then return false end
-    args[#args + 1] = '@lag'
-    args[#args + 1] = format_lag(lag)
-    call('HSET', unpack(args))
-    return true
+    if not filled then return nil end
+    set[#set + 1] = '@lag'
+    set[#set + 1] = format_lag(lag)
+    return 'fill'
   end
-  local args = { key, '@v', rv, '@row', row }
-  if extra then
-    for k = 1, #extra, 2 do
-      if extra[k + 1] ~= '' then
-        args[#args + 1] = extra[k]
-        args[#args + 1] = extra[k + 1]
-      end
-    end
-  end
-  if oid then
-    if extra[2] ~= '' and extra[4] ~= '' and extra[8] ~= '' then
-      local old_link = st[4] or ''
-      local new_link = link_of(extra[2], extra[4], extra[6], st[5])
-      relinked(oid, old_link, new_link, extra[8])
-      if new_link ~= old_link then
-        args[#args + 1] = '@link'
-        args[#args + 1] = new_link
-      end
-      if dirty_seen[oid] then dirty_seen[oid] = false end
-    else
-      mark(oid)
-    end
-  end
+  set[#set + 1] = '@v'
+  set[#set + 1] = rv
+  set[#set + 1] = '@row'
+  set[#set + 1] = row
   local old = lag_s and parse_lag(lag_s) or {}
-  local gone = { key }
-  local new_lag = nil
   if m > 0 then
     local lag = {}
     local old_row, fetched = nil, false
@@ -329,17 +304,16 @@ local function upsert(key, rv, row, ui, m, extra, oid)
         end
         local v = old_row and json_member(old_row, c)
         if v then
-          args[#args + 1] = 'c:' .. c
-          args[#args + 1] = v
+          set[#set + 1] = 'c:' .. c
+          set[#set + 1] = v
           lag[c] = cur
         else
           lag[c] = ZERO
         end
       end
     end
-    new_lag = format_lag(lag)
-    args[#args + 1] = '@lag'
-    args[#args + 1] = new_lag
+    set[#set + 1] = '@lag'
+    set[#set + 1] = format_lag(lag)
     for c in pairs(old) do
       if not lag[c] then gone[#gone + 1] = 'c:' .. c end
     end
@@ -348,9 +322,7 @@ local function upsert(key, rv, row, ui, m, extra, oid)
     if lag_s then gone[#gone + 1] = '@lag' end
   end
   if del then gone[#gone + 1] = '@del' end
-  if #gone > 1 then call('HDEL', unpack(gone)) end
-  call('HSET', unpack(args))
-  return true
+  return 'new'
 end
 
 -- A delete leaves a tombstone (@v, @del) so that older writes cannot resurrect the row.
@@ -363,9 +335,6 @@ local function delete(key, rv)
 end
 
 local function flush()
-  for _, oid in ipairs(dirty_list) do
-    if dirty_seen[oid] then relink(oid) end
-  end
   -- one ZADD GT for the whole batch: the score only ever grows
   local args, n = { ns .. ':last', 'GT' }, 0
   for cust, act in pairs(last_seen) do
@@ -381,45 +350,128 @@ local function flush()
   flush_index()
 end
 
--- ---- child rows: items and payments, packed as "rv|value" in one hash per
--- order; an empty value (items) or "D" (payments) is a tombstone.
+-- ---- an order: its row, its payments (p:<id> = "rv|cents", 'D' = deleted)
+-- and its items (i:<line> = "rv|json", '' = deleted) in one hash, so that an
+-- event's rows cost one HMGET and one HSET, plus what its link changes.
 
--- k item rows of one order at F[at..]: one HMGET and one HSET for all of them.
-local function items_write(oid, at, k)
-  local key = ns .. ':order:' .. oid .. ':items'
-  local q = { key }
-  for j = 0, k - 1 do q[j + 2] = F[at + 3 * j] end
-  local old = call('HMGET', unpack(q))
-  local args = { key }
+local function set_child(set, newest, prefix, id, rv, value, stored, table_name)
+  local old = newest[id] or stored
+  if not fresh(table_name, rv) or (old and rv <= ssub(old, 1, 35)) then return nil end
+  local packed = rv .. '|' .. value
+  newest[id] = packed
+  set[#set + 1] = prefix .. id
+  set[#set + 1] = packed
+  return old and ssub(old, 37) or 'D'
+end
+
+-- Returns the index of the next op, the row changes applied and those skipped.
+local function order_group(i)
+  local oid = F[i + 1]
+  local okey = ns .. ':order:' .. oid
+  local kind = F[i + 2]
+  local rv, m, j = F[i + 3], 0, i + 3
+  if kind == 'O' then
+    m = tonumber(F[i + 10])
+    j = i + 11 + m
+    if F[i + 5] ~= '' then
+      index_user(F[i + 5])
+      activity(F[i + 5], F[i + 4])
+    end
+  elseif kind == 'o' then
+    j = i + 4
+  end
+  index_order(oid)
+  local np = tonumber(F[j])
+  local pj = j + 1
+  j = pj + 3 * np
+  local ni = tonumber(F[j])
+  local ij = j + 1
+  j = ij + 3 * ni
+
+  local q = { okey, '@v', '@del', '@lag', '@link', '@paid', '@c', '@s', '@cur', '@ts' }
+  for k = 0, np - 1 do q[#q + 1] = 'p:' .. F[pj + 3 * k] end
+  for k = 0, ni - 1 do q[#q + 1] = 'i:' .. F[ij + 3 * k] end
+  local st = call('HMGET', unpack(q))
+  local cur, del, lag_s, link, paid = st[1], st[2], st[3], st[4] or '', st[5] or '0'
+  local lc, ls, lcur, lts = st[6], st[7], st[8], st[9]
+  local set, gone = { okey }, { okey }
+  local done, total = 0, np + ni
+
+  local paid_n = nil
   local newest = {}
-  local done = 0
-  for j = 0, k - 1 do
-    local line, rv = F[at + 3 * j], F[at + 3 * j + 1]
-    local have = newest[line] or (old[j + 1] and ssub(old[j + 1], 1, 35))
-    if fresh('order_items', rv) and (not have or rv > have) then
-      newest[line] = rv
-      args[#args + 1] = line
-      args[#args + 1] = rv .. '|' .. F[at + 3 * j + 2]
+  for k = 0, np - 1 do
+    local cents = F[pj + 3 * k + 2]
+    local was = set_child(set, newest, 'p:', F[pj + 3 * k], F[pj + 3 * k + 1], cents, st[10 + k], 'payments')
+    if was then
+      done = done + 1
+      if was ~= cents then
+        paid_n = paid_n or tonumber(paid)
+        if was ~= 'D' then paid_n = paid_n - tonumber(was) end
+        if cents ~= 'D' then paid_n = paid_n + tonumber(cents) end
+      end
+    end
+  end
+  newest = {}
+  for k = 0, ni - 1 do
+    local b = ij + 3 * k
+    if set_child(set, newest, 'i:', F[b], F[b + 1], F[b + 2], st[10 + np + k], 'order_items') then
       done = done + 1
     end
   end
-  if #args > 1 then call('HSET', unpack(args)) end
-  return done
-end
 
-local function payment_write(oid, pid, rv, cents)
-  local okey = ns .. ':order:' .. oid
-  local pkey = okey .. ':pay'
-  local old = call('HGET', pkey, pid)
-  if old and rv <= ssub(old, 1, 35) then return false end
-  call('HSET', pkey, pid, rv .. '|' .. cents)
-  local was = (old and ssub(old, 37)) or 'D'
-  if was ~= cents then
-    if was ~= 'D' and was ~= '0' then incr(okey, '@paid', neg(was)) end
-    if cents ~= 'D' and cents ~= '0' then incr(okey, '@paid', cents) end
-    mark(oid)
+  local live = cur and not del
+  if kind == 'O' then
+    total = total + 1
+    if fresh('orders', rv) then
+      local r = row_write(okey, rv, F[i + 9], i + 11, m, cur, del, lag_s, set, gone)
+      if r then done = done + 1 end
+      if r == 'new' then
+        live = true
+        local fields = { '@c', '@s', '@cur', '@ts' }
+        local now = { lc, ls, lcur, lts }
+        for k = 1, 4 do
+          local v = F[i + 4 + k]
+          if v ~= '' then
+            set[#set + 1] = fields[k]
+            set[#set + 1] = v
+            now[k] = v
+          end
+        end
+        lc, ls, lcur, lts = now[1], now[2], now[3], now[4]
+      end
+    end
+  elseif kind == 'o' then
+    total = total + 1
+    if fresh('orders', rv) and (not cur or rv > cur) then
+      drop_row_fields(okey)
+      set[#set + 1] = '@v'
+      set[#set + 1] = rv
+      set[#set + 1] = '@del'
+      set[#set + 1] = '1'
+      live = false
+      done = done + 1
+    end
   end
-  return true
+
+  if paid_n then
+    -- exact: integer cents stay far below 2^53
+    paid = string.format('%d', paid_n)
+    set[#set + 1] = '@paid'
+    set[#set + 1] = paid
+  end
+  local new_link = ''
+  if live and lc and ls then new_link = link_of(lc, ls, lcur or '', paid) end
+  if new_link ~= link then
+    relinked(oid, link, new_link, lts)
+    if new_link ~= '' then
+      set[#set + 1] = '@link'
+      set[#set + 1] = new_link
+    else
+      gone[#gone + 1] = '@link'
+    end
+  end
+  commit(set, gone)
+  return j, done, total - done
 end
 
 -- ---- truncate: rows older than the truncate go (no tombstone: the table's
@@ -450,26 +502,27 @@ local function truncate_rows(set, prefix, rv, is_order)
   end
 end
 
-local function truncate_children(suffix, rv, is_pay)
+local function truncate_children(prefix, rv, is_pay)
   for _, oid in ipairs(call('SMEMBERS', ns .. ':orders')) do
     local okey = ns .. ':order:' .. oid
-    local key = okey .. suffix
-    local h = call('HGETALL', key)
-    local gone = { key }
-    local changed = false
+    local h = call('HGETALL', okey)
+    local gone = { okey }
+    local paid, delta = 0, 0
     for i = 1, #h, 2 do
-      local packed = h[i + 1]
-      if ssub(packed, 1, 35) < rv then
-        gone[#gone + 1] = h[i]
+      local f, packed = h[i], h[i + 1]
+      if f == '@paid' then
+        paid = tonumber(packed)
+      elseif ssub(f, 1, 2) == prefix and ssub(packed, 1, 35) < rv then
+        gone[#gone + 1] = f
         local cents = ssub(packed, 37)
-        if is_pay and cents ~= 'D' and cents ~= '0' then
-          incr(okey, '@paid', neg(cents))
-          changed = true
-        end
+        if is_pay and cents ~= 'D' then delta = delta + tonumber(cents) end
       end
     end
     if #gone > 1 then call('HDEL', unpack(gone)) end
-    if changed then relink(oid) end
+    if delta ~= 0 then
+      call('HSET', okey, '@paid', string.format('%d', paid - delta))
+      relink(oid)
+    end
   end
 end
 
@@ -483,9 +536,9 @@ local function truncate(table_name, rv)
   elseif table_name == 'orders' then
     truncate_rows(ns .. ':orders', 'order', rv, true)
   elseif table_name == 'order_items' then
-    truncate_children(':items', rv, false)
+    truncate_children('i:', rv, false)
   elseif table_name == 'payments' then
-    truncate_children(':pay', rv, true)
+    truncate_children('p:', rv, true)
   end
   return true
 end
@@ -526,51 +579,25 @@ local nargs = #F
 while i <= nargs do
   local op = F[i]
   local ok = false
-  if op == 'O' then
-    local id, rv, act, cust = F[i + 1], F[i + 2], F[i + 3], F[i + 4]
-    local m = tonumber(F[i + 9])
-    index_order(id)
-    if cust ~= '' then
-      index_user(cust)
-      activity(cust, act)
-    end
-    if fresh('orders', rv) then
-      local extra = { '@c', cust, '@s', F[i + 5], '@cur', F[i + 6], '@ts', F[i + 7] }
-      ok = upsert(ns .. ':order:' .. id, rv, F[i + 8], i + 10, m, extra, id)
-    end
-    i = i + 10 + m
-  elseif op == 'I' then
-    local oid, k = F[i + 1], tonumber(F[i + 2])
-    index_order(oid)
-    local done = items_write(oid, i + 3, k)
+  if op == 'G' then
+    local done, skip
+    i, done, skip = order_group(i)
     applied = applied + done
-    skipped = skipped + k - done
-    i = i + 3 + 3 * k
+    skipped = skipped + skip
     ok = nil
-  elseif op == 'P' then
-    local oid = F[i + 1]
-    index_order(oid)
-    if fresh('payments', F[i + 3]) then
-      ok = payment_write(oid, F[i + 2], F[i + 3], F[i + 4])
-    end
-    i = i + 5
   elseif op == 'C' then
     local id, rv, act = F[i + 1], F[i + 2], F[i + 3]
     local m = tonumber(F[i + 5])
     index_user(id)
     activity(id, act)
     if fresh('customers', rv) then
-      ok = upsert(ns .. ':user:' .. id, rv, F[i + 4], i + 6, m, nil, nil)
+      local key = ns .. ':user:' .. id
+      local st = call('HMGET', key, '@v', '@del', '@lag')
+      local set, gone = { key }, { key }
+      ok = row_write(key, rv, F[i + 4], i + 6, m, st[1], st[2], st[3], set, gone) ~= nil
+      commit(set, gone)
     end
     i = i + 6 + m
-  elseif op == 'o' then
-    local id, rv = F[i + 1], F[i + 2]
-    index_order(id)
-    if fresh('orders', rv) then
-      ok = delete(ns .. ':order:' .. id, rv)
-      if ok then mark(id) end
-    end
-    i = i + 3
   elseif op == 'c' then
     local id, rv = F[i + 1], F[i + 2]
     index_user(id)

@@ -617,11 +617,11 @@ async def test_a_batch_failing_half_way_leaves_the_positions_where_they_were(
     shop = Shop()
     await views.apply(shop.register(1), at(1, watermark=100))
     events = shop.place(10, 1) + shop.place(11, 1)
-    await client.set(f"{namespace}:order:11:items", "in the way")  # WRONGTYPE for the script
+    await client.set(f"{namespace}:order:11", "in the way")  # WRONGTYPE for the script
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         await views.apply(events, at(3, watermark=300))
     assert await views.positions() == at(1, watermark=100)
-    await client.delete(f"{namespace}:order:11:items")
+    await client.delete(f"{namespace}:order:11")
     await views.apply(events, at(3, watermark=300))  # redelivered: applies cleanly
     assert (await views.user("1"))["orders"] == 2  # type: ignore[index]
     assert await views.positions() == at(3, watermark=300)
