@@ -96,7 +96,7 @@ class Workload:
         oid = self.next_order
         self.next_order += 1
         now = _iso(self.ms)
-        items = []
+        items: list[dict[str, Any]] = []
         subtotal = 0
         for line in range(1, self.rng.randint(1, 4) + 1):
             qty, price = self.rng.randint(1, 3), self.rng.randint(100, 20_000)
@@ -112,7 +112,7 @@ class Workload:
         def m(c: int) -> str:
             return f"{c // 100}.{c % 100:02d}"
 
-        row = {
+        row: dict[str, Any] = {
             "id": oid, "customer_id": self.rng.randint(1, len(self.customers)), "status": "pending",
             "currency": self.rng.choice(("EUR", "EUR", "EUR", "USD", "GBP")),
             "subtotal": m(subtotal), "tax": m(tax), "shipping_fee": "4.95", "total": m(total),
