@@ -172,8 +172,14 @@ class Worker:
         raise SystemExit("worker did not become healthy")
 
     def status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.url}/status", timeout=10) as resp:
+        with urllib.request.urlopen(f"{self.url}/status", timeout=60) as resp:
             return orjson.loads(resp.read())  # type: ignore[no-any-return]
+
+    def cpu_seconds(self) -> float:
+        """user + system CPU time of the worker process so far."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -217,6 +223,7 @@ def main() -> None:
             samples.append({n: p["events_applied"] for n, p in status["projections"].items()})
             time.sleep(0.25)
         status = worker.status()
+        cpu = worker.cpu_seconds()
     finally:
         worker.stop()
     out = {
@@ -232,6 +239,12 @@ def main() -> None:
             for name in ("redis", "clickhouse")
         },
         "target_events_per_s": 20_000,
+        # contention-independent: events of both projections per CPU second of the worker
+        "worker_cpu_s": round(cpu, 1),
+        "events_per_worker_cpu_s": round(
+            sum(status["projections"][n]["events_applied"] for n in ("redis", "clickhouse")) / cpu
+        ),
+        "load_average_1m": os.getloadavg()[0],
     }
     print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
 

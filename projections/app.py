@@ -236,7 +236,7 @@ class SharedDecodes:
     the others reuse that. Bounded: a pipeline far behind simply decodes again itself.
     Events are never modified after decoding (the sinks only read them), so sharing is safe."""
 
-    def __init__(self, readers: int, limit: int = 100_000) -> None:
+    def __init__(self, readers: int, limit: int = 25_000) -> None:
         from collections import OrderedDict
 
         self.readers = readers
@@ -330,7 +330,9 @@ class Projector:
         running = self._running
         upcasts = 0
         shared = self.shared
-        for rec in records:
+        for n, rec in enumerate(records, 1):
+            if n % 500 == 0:
+                await asyncio.sleep(0)  # let the API and the other pipeline run between chunks
             key = (rec.topic, rec.partition)
             offsets[key] = rec.offset + 1
             decoded = shared.take((rec.topic, rec.partition, rec.offset)) if shared else None
@@ -570,6 +572,10 @@ class Pipeline(Service):
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
             max_poll_interval_ms=600_000,
+            # a loaded 2-core machine can starve the heartbeat for seconds; a rebalance is
+            # harmless (the store's positions decide) but costs a re-read
+            session_timeout_ms=30_000,
+            heartbeat_interval_ms=3_000,
         )
         await consumer.start()
         self.consumer = consumer
@@ -688,8 +694,9 @@ class Pipeline(Service):
         if not commit:
             return
         try:
-            await consumer.commit(commit)
-        except (CommitFailedError, KafkaError) as exc:
+            # bounded: a rebalance waiting for this batch must not wait on this commit forever
+            await asyncio.wait_for(consumer.commit(commit), 10.0)
+        except (CommitFailedError, KafkaError, TimeoutError) as exc:
             # harmless: the store's positions are where the next assignment resumes
             log.warning(
                 "%s: offset commit failed (%s); the store's positions stand",

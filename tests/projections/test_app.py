@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from cdc.lsn import format_lsn
 
 from .conftest import EventTopics, ShopHistory, WorkerProcess
@@ -68,8 +70,13 @@ def _views(worker: WorkerProcess, shop: ShopHistory) -> dict:
     return out
 
 
-def test_kill_9_mid_batch_then_restart_applies_every_event(
-    event_topics: EventTopics, worker_factory, shop_history: ShopHistory, redis_namespace: str
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_a_crash_or_stop_mid_batch_then_restart_applies_every_event(
+    event_topics: EventTopics,
+    worker_factory,
+    shop_history: ShopHistory,
+    redis_namespace: str,
+    how: str,
 ) -> None:  # type: ignore[no-untyped-def]
     events = _history(shop_history, customers=50, orders=3000)
     final = shop_history.lsn + 0x10000
@@ -92,7 +99,10 @@ def test_kill_9_mid_batch_then_restart_applies_every_event(
             break
         time.sleep(0.02)
     assert partial is not None, f"never saw both projections part-way: {status}"
-    worker.kill9()
+    if how == "kill -9":
+        worker.kill9()
+    else:
+        worker.stop()  # graceful: a batch in flight must not be committed unapplied
 
     worker.start()
     status = _wait_caught_up(worker, final)
