@@ -91,5 +91,82 @@ def verify(
     raise typer.Exit(code)
 
 
+dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: list, show and replay them.")
+app.add_typer(dlq_app, name="dlq")
+
+
+def _dlq_topic(settings: Settings, topic: str) -> str:
+    """Accept 'order', 'shop.order.events' or 'shop.order.events.dlq'."""
+    if topic.endswith(".dlq"):
+        return topic
+    if topic.endswith(".events"):
+        return f"{topic}.dlq"
+    return f"{settings.topic_prefix}.{topic}.events.dlq"
+
+
+@dlq_app.command("list")
+def dlq_list(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Dead-letter topics with how many letters each holds, by error."""
+    from projections.dlq_admin import count_letters, dlq_topics
+
+    settings = _settings()
+    try:
+        report = {}
+        for topic in dlq_topics(settings.kafka_bootstrap, settings.topic_prefix):
+            total, errors = count_letters(settings.kafka_bootstrap, topic)
+            report[topic] = {"letters": total, "errors": dict(errors.most_common(20))}
+    except (ConnectionError, LookupError) as exc:
+        typer.echo(f"projections: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if json_out:
+        import orjson
+
+        typer.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+        return
+    if not report:
+        typer.echo("no dead letters")
+    for topic, info in report.items():
+        typer.echo(f"{topic}: {info['letters']} letters")
+        for error, n in info["errors"].items():
+            typer.echo(f"  {n:>6}  {error}")
+
+
+@dlq_app.command("show")
+def dlq_show(
+    topic: Annotated[str, typer.Argument(help="order | shop.order.events | shop.order.events.dlq")],
+    limit: Annotated[int, typer.Option(help="letters to show")] = 20,
+) -> None:
+    """The letters of one dead-letter topic: source position, stage, error, payload."""
+    import orjson
+
+    from projections.dlq_admin import read_letters
+
+    settings = _settings()
+    try:
+        letters = read_letters(settings.kafka_bootstrap, _dlq_topic(settings, topic), limit)
+    except (ConnectionError, LookupError) as exc:
+        typer.echo(f"projections: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for letter in letters:
+        typer.echo(orjson.dumps(letter.describe()).decode())
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    topic: Annotated[str, typer.Argument(help="order | shop.order.events | shop.order.events.dlq")],
+) -> None:
+    """Send the letters not replayed yet back to their source topic (after the fix is deployed)."""
+    from projections.dlq_admin import replay
+
+    settings = _settings()
+    name = _dlq_topic(settings, topic)
+    try:
+        n = replay(settings.kafka_bootstrap, name, f"{settings.app_id}.dlq-replay")
+    except (ConnectionError, LookupError) as exc:
+        typer.echo(f"projections: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"replayed {n} letters from {name}")
+
+
 if __name__ == "__main__":
     app()
