@@ -431,7 +431,7 @@ local function order_group(i)
         local now = { lc, ls, lcur, lts }
         for k = 1, 4 do
           local v = F[i + 4 + k]
-          if v ~= '' then
+          if v ~= '' and v ~= now[k] then
             set[#set + 1] = fields[k]
             set[#set + 1] = v
             now[k] = v
