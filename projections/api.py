@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import date
+from pathlib import Path
 from typing import Any, Final
 
 import faust
@@ -111,6 +112,7 @@ async def _fresh(progress: Progress, min_lsn: int | None, timeout_s: float) -> w
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
+STATUS_PAGE = (Path(__file__).resolve().parent / "static" / "status.html").read_bytes()
 
 
 def _auth_middleware(token: str | None, runtime: Runtime) -> Any:
@@ -121,7 +123,8 @@ def _auth_middleware(token: str | None, runtime: Runtime) -> Any:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
-        if expected is not None and request.path != "/health":
+        # /health and the status page itself are open; the page's data comes from /status
+        if expected is not None and request.path not in ("/health", "/"):
             header = request.headers.get("Authorization", "")
             scheme, _, given = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -300,6 +303,20 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
                 return {"columns": list(columns), "rows": rows, "row_count": len(rows)}
 
             return await _analytics(request, run)  # type: ignore[return-value]
+
+    # Faust mounts its own index page at "/" (production_index); ours replaces it
+    from faust.web.base import BlueprintManager
+
+    faust_web = app.web
+    faust_web.production_blueprints = []  # type: ignore[misc]
+    faust_web.blueprints = BlueprintManager(faust_web._enabled_blueprints())
+
+    @app.page("/")
+    class StatusPage(View):
+        """Live lag and throughput charts (static HTML; it reads /status, passing ?token=)."""
+
+        async def get(self, request: Request) -> Response:
+            return web.Response(body=STATUS_PAGE, content_type="text/html", charset="utf-8")  # type: ignore[return-value]
 
     web_app: web.Application = app.web.web_app  # type: ignore[attr-defined]  # the aiohttp driver's
     web_app.middlewares.append(_auth_middleware(runtime.settings.api_token, runtime))
