@@ -5,7 +5,7 @@ PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test up down status venv migrate lint typecheck bench compose-check clean
+.PHONY: run test up down status venv migrate lint typecheck bench compose-check clean browser
 
 $(VENV_STAMP): pyproject.toml
 	@command -v python3 >/dev/null || { echo "make: python3 (>= 3.11) is required" >&2; exit 1; }
@@ -33,8 +33,14 @@ migrate: up
 run: migrate
 	@$(PY) stack/run.py
 
-test: migrate
+test: migrate browser
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+# headless Chromium (Debian's package) for the status page test
+browser:
+	@command -v chromium >/dev/null || { echo "make: installing Debian's chromium (for the status page test)"; \
+		{ [ -f .local/.apt-updated ] || apt-get update -qq; } && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 lint: venv
 	@.venv/bin/ruff check writer cdc projections tests bench
