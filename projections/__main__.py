@@ -168,5 +168,66 @@ def dlq_replay(
     typer.echo(f"replayed {n} letters from {name}")
 
 
+snapshot_app = typer.Typer(no_args_is_help=True, help="Projection snapshots, taken and restored by the running worker.")
+app.add_typer(snapshot_app, name="snapshot")
+
+
+def _worker_call(settings: Settings, method: str, path: str) -> dict:  # type: ignore[type-arg]
+    import urllib.error
+    import urllib.request
+
+    import orjson
+
+    url = f"http://{settings.api_host}:{settings.api_port}{path}"
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if settings.api_token:
+        req.add_header("Authorization", f"Bearer {settings.api_token}")
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            return orjson.loads(resp.read())  # type: ignore[no-any-return]
+    except urllib.error.HTTPError as exc:
+        body = orjson.loads(exc.read() or b"{}")
+        typer.echo(f"projections: {body.get('error', exc.reason)}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        typer.echo(
+            f"projections: the worker does not answer at http://{settings.api_host}:{settings.api_port} ({exc}); "
+            "snapshots are taken and restored by the running worker (python -m projections worker)",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+
+
+@snapshot_app.command("create")
+def snapshot_create() -> None:
+    """Save both projections (Redis namespace, ClickHouse tables) with their positions and watermarks."""
+    import orjson
+
+    meta = _worker_call(_settings(), "POST", "/admin/snapshots")
+    typer.echo(orjson.dumps(meta, option=orjson.OPT_INDENT_2).decode())
+
+
+@snapshot_app.command("list")
+def snapshot_list() -> None:
+    """Snapshots with the watermark each projection had."""
+    snaps = _worker_call(_settings(), "GET", "/admin/snapshots")["snapshots"]
+    if not snaps:
+        typer.echo("no projection snapshots")
+    for s in snaps:
+        typer.echo(
+            f"{s['id']}  redis {s['redis']['watermark']} ({s['redis']['keys']} keys)  "
+            f"clickhouse {s['clickhouse']['watermark']} ({sum(s['clickhouse']['rows'].values())} rows)"
+        )
+
+
+@snapshot_app.command("restore")
+def snapshot_restore(snapshot_id: Annotated[str, typer.Argument(help="an id from 'snapshot list'")]) -> None:
+    """Put a snapshot back; the worker consumes onward from the positions it holds."""
+    import orjson
+
+    result = _worker_call(_settings(), "POST", f"/admin/snapshots/{snapshot_id}/restore")
+    typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
 if __name__ == "__main__":
     app()

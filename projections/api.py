@@ -304,6 +304,31 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
 
             return await _analytics(request, run)  # type: ignore[return-value]
 
+    from projections.snapshots import (
+        SnapshotError,
+        SnapshotStore,
+        create_snapshot,
+        restore_snapshot,
+    )
+
+    snapshots = SnapshotStore(runtime.settings.data_dir / "snapshots")
+
+    @app.page("/admin/snapshots")
+    class Snapshots(View):
+        async def get(self, request: Request) -> Response:
+            return _json({"snapshots": snapshots.list()})  # type: ignore[return-value]
+
+        async def post(self, request: Request) -> Response:
+            return _json(await create_snapshot(runtime, snapshots), 201)  # type: ignore[return-value]
+
+    @app.page("/admin/snapshots/{snapshot_id}/restore")
+    class RestoreSnapshot(View):
+        async def post(self, request: Request, snapshot_id: str) -> Response:
+            try:
+                return _json(await restore_snapshot(runtime, snapshots, snapshot_id))  # type: ignore[return-value]
+            except SnapshotError as exc:
+                return _error(404 if "no snapshot" in str(exc) else 400, str(exc))  # type: ignore[return-value]
+
     # Faust mounts its own index page at "/" (production_index); ours replaces it
     from faust.web.base import BlueprintManager
 
