@@ -72,8 +72,9 @@ def parse_signal(change: RowChange) -> Signal | None:
     return Signal(str(change.after.get("id")), str(change.after.get("type")), data if isinstance(data, dict) else {})
 
 
-def send_snapshot_signal(conn: psycopg.Connection[Any], slot: str, tables: list[str]) -> str:
-    """Ask the capture on ``slot`` for an incremental snapshot of ``tables``."""
+def send_snapshot_signal(conn: psycopg.Connection[Any], slot: str | None, tables: list[str]) -> str:
+    """Ask the capture on ``slot`` (None: any capture reading this database) for an
+    incremental snapshot of ``tables`` (empty: every published table)."""
     ensure_signal_table(conn)
     request = uuid.uuid4().hex[:12]
     conn.execute(

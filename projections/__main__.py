@@ -172,14 +172,16 @@ snapshot_app = typer.Typer(no_args_is_help=True, help="Projection snapshots, tak
 app.add_typer(snapshot_app, name="snapshot")
 
 
-def _worker_call(settings: Settings, method: str, path: str) -> dict:  # type: ignore[type-arg]
+def _worker_call(settings: Settings, method: str, path: str, body: dict | None = None) -> dict:  # type: ignore[type-arg]
     import urllib.error
     import urllib.request
 
     import orjson
 
     url = f"http://{settings.api_host}:{settings.api_port}{path}"
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    data = orjson.dumps(body) if body is not None else (b"" if method == "POST" else None)
+    req = urllib.request.Request(url, method=method, data=data)
+    req.add_header("Content-Type", "application/json")
     if settings.api_token:
         req.add_header("Authorization", f"Bearer {settings.api_token}")
     try:
@@ -227,6 +229,39 @@ def snapshot_restore(snapshot_id: Annotated[str, typer.Argument(help="an id from
 
     result = _worker_call(_settings(), "POST", f"/admin/snapshots/{snapshot_id}/restore")
     typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
+@app.command()
+def rebuild(
+    name: Annotated[str, typer.Argument(help="redis | clickhouse | all")],
+    source: Annotated[str, typer.Option(help="topics (replay from the start) | snapshot (a fresh incremental snapshot)")] = "topics",
+) -> None:
+    """Build a new generation beside the live one, catch up, switch atomically, drop the old one."""
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    settings = _settings()
+    if name not in ("redis", "clickhouse", "all") or source not in ("topics", "snapshot"):
+        typer.echo("projections: rebuild redis|clickhouse|all [--source topics|snapshot]", err=True)
+        raise typer.Exit(2)
+    names = ["clickhouse", "redis"] if name == "all" else [name]
+    state = _worker_call(settings, "POST", "/admin/rebuild", {"projections": names, "source": source})
+    with Progress(
+        TextColumn("rebuild {task.fields[names]}"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+        TextColumn("{task.fields[rate]:,.0f} records/s"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+    ) as bar:  # fmt: skip
+        task = bar.add_task("rebuild", total=max(1, state["total"]), names=",".join(names), rate=0.0, status=state["status"])
+        while state["status"] in ("running", "switching"):
+            time.sleep(0.5)
+            state = _worker_call(settings, "GET", "/admin/rebuild")
+            bar.update(task, total=max(1, state["total"], state["done"]), completed=state["done"], rate=state["rate"], status=state["status"])
+    for step in state["steps"]:
+        typer.echo(step)
+    if state["status"] != "done":
+        typer.echo(f"projections: rebuild {state['status']}: {state['error']}; the live generation keeps serving", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"rebuild done in {state['elapsed_s']} s ({state['done']:,} records)")
 
 
 if __name__ == "__main__":

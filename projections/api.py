@@ -150,7 +150,6 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
     """The query API's views on the Faust app's web server."""
     redis_progress = runtime.progress("redis")
     ch_progress = runtime.progress("clickhouse")
-    views = runtime.redis.views
     ch = runtime.clickhouse
 
     @app.page("/health")
@@ -192,7 +191,7 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
             fresh = await _fresh(redis_progress, min_lsn, timeout_s)
             if isinstance(fresh, web.Response):
                 return fresh  # type: ignore[return-value]
-            view = await views.user(cid)
+            view = await runtime.redis.views.user(cid)
             if view is None:
                 return _error(
                     404,
@@ -211,7 +210,7 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
             fresh = await _fresh(redis_progress, min_lsn, timeout_s)
             if isinstance(fresh, web.Response):
                 return fresh  # type: ignore[return-value]
-            view = await views.order(oid)
+            view = await runtime.redis.views.order(oid)
             if view is None:
                 return _error(
                     404,
@@ -328,6 +327,33 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
                 return _json(await restore_snapshot(runtime, snapshots, snapshot_id))  # type: ignore[return-value]
             except SnapshotError as exc:
                 return _error(404 if "no snapshot" in str(exc) else 400, str(exc))  # type: ignore[return-value]
+
+    from projections.rebuild import Rebuilder
+
+    rebuilder = Rebuilder(runtime)
+
+    @app.page("/admin/rebuild")
+    class Rebuild(View):
+        async def get(self, request: Request) -> Response:
+            if rebuilder.state is None:
+                return _error(404, "no rebuild has run in this worker")  # type: ignore[return-value]
+            return _json(rebuilder.state.view())  # type: ignore[return-value]
+
+        async def post(self, request: Request) -> Response:
+            try:
+                body = await request.json()
+            except Exception:
+                body = None
+            if not isinstance(body, dict):
+                return _error(400, 'send JSON {"projections": ["redis", "clickhouse"], "source": "topics" | "snapshot"}')  # type: ignore[return-value]
+            names = body.get("projections")
+            if names == "all" or names == ["all"]:
+                names = sorted(runtime.pipelines)
+            try:
+                state = rebuilder.start(list(names or ()), str(body.get("source", "topics")))
+            except (ValueError, RuntimeError) as exc:
+                return _error(409 if isinstance(exc, RuntimeError) else 400, str(exc))  # type: ignore[return-value]
+            return _json(state.view(), 202)  # type: ignore[return-value]
 
     # Faust mounts its own index page at "/" (production_index); ours replaces it
     from faust.web.base import BlueprintManager

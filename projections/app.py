@@ -94,10 +94,24 @@ class RedisAdapter:
     name = "redis"
 
     def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.client = client
+        self.base = namespace
+        self.use(namespace)
+
+    def use(self, namespace: str) -> None:
+        """Serve (and write) the views of this namespace: a generation switch is this one assignment."""
         from projections.redis_views import RedisViews
 
-        self.client = client
-        self.views = RedisViews(client, namespace)
+        self.namespace = namespace
+        self.views = RedisViews(self.client, namespace)
+
+    async def resolve(self) -> None:
+        """Follow the generation pointer a rebuild left (projections/rebuild.py)."""
+        from projections.rebuild import current_namespace
+
+        namespace = await current_namespace(self.client, self.base)
+        if namespace != self.namespace:
+            self.use(namespace)
 
     async def apply(
         self, events: list[DomainEvent], positions: dict[PositionKey, Position]
@@ -556,6 +570,7 @@ class Pipeline(Service):
         self.batch_lock = asyncio.Lock()
         self.consumer: AIOKafkaConsumer | None = None
         self.ready = asyncio.Event()
+        self._committing: asyncio.Future[None] | None = None
         super().__init__(**kwargs)
 
     @property
@@ -572,6 +587,7 @@ class Pipeline(Service):
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
             max_poll_interval_ms=600_000,
+            fetch_max_wait_ms=100,
             # a loaded 2-core machine can starve the heartbeat for seconds; a rebalance is
             # harmless (the store's positions decide) but costs a re-read
             session_timeout_ms=30_000,
@@ -586,6 +602,8 @@ class Pipeline(Service):
     async def on_stop(self) -> None:
         if self.consumer is not None:
             async with self.batch_lock:
+                if self._committing is not None:
+                    await asyncio.wait([self._committing], timeout=10)
                 await self.consumer.stop()
             self.consumer = None
 
@@ -682,7 +700,11 @@ class Pipeline(Service):
                 if not records:
                     continue
                 offsets = await self.projector.process(records)
-                await self._commit(offsets)
+                # The commit overlaps the next batch (one in flight, in order): the store's
+                # positions are already written, so it only reports progress to Kafka.
+                if self._committing is not None:
+                    await self._committing
+                self._committing = asyncio.ensure_future(self._commit(offsets))
 
     async def _commit(self, offsets: dict[PositionKey, int]) -> None:
         consumer = self.consumer
@@ -825,6 +847,7 @@ def build_app(settings: Settings, runtime: Runtime) -> faust.App:
 
     @app.task  # type: ignore[untyped-decorator]
     async def _start_pipelines() -> None:
+        await runtime.redis.resolve()
         for pipeline in runtime.pipelines.values():
             await app.add_runtime_dependency(pipeline)
 

@@ -190,7 +190,7 @@ async def create_snapshot(runtime: Any, store: SnapshotStore) -> dict[str, Any]:
     async with _paused(pipelines):
         redis_pos = await runtime.redis.positions()
         ch_pos = await runtime.clickhouse.positions()
-        keys = await save_redis(runtime.redis.client, runtime.settings.redis_namespace, path / "redis.bin")
+        keys = await save_redis(runtime.redis.client, runtime.redis.namespace, path / "redis.bin")
         counts = await asyncio.to_thread(save_clickhouse, runtime.clickhouse.backend, runtime.clickhouse.sink.database, snapshot_db)
     expected = {name: p.projector.progress.expected for name, p in pipelines.items()}
     meta = {
@@ -198,7 +198,7 @@ async def create_snapshot(runtime: Any, store: SnapshotStore) -> dict[str, Any]:
         "created_at": started,
         "seconds": round(time.time() - started, 3),
         "redis": {
-            "namespace": runtime.settings.redis_namespace,
+            "namespace": runtime.redis.namespace,
             "keys": keys,
             "positions": _positions_json(redis_pos),
             "watermark": format_lsn(min_watermark(redis_pos, expected.get("redis"))),
@@ -218,14 +218,14 @@ async def create_snapshot(runtime: Any, store: SnapshotStore) -> dict[str, Any]:
 async def restore_snapshot(runtime: Any, store: SnapshotStore, snapshot_id: str) -> dict[str, Any]:
     meta = store.read_meta(snapshot_id)
     path = store.path(snapshot_id)
-    if meta["redis"]["namespace"] != runtime.settings.redis_namespace:
+    if meta["redis"]["namespace"] != runtime.redis.namespace:
         raise SnapshotError(
             f"snapshot {snapshot_id} is of Redis namespace {meta['redis']['namespace']!r}, this worker "
-            f"serves {runtime.settings.redis_namespace!r}"
+            f"serves {runtime.redis.namespace!r} (a rebuild since switched generations)"
         )
     pipelines = runtime.pipelines
     async with _paused(pipelines):
-        keys = await restore_redis(runtime.redis.client, runtime.settings.redis_namespace, path / "redis.bin")
+        keys = await restore_redis(runtime.redis.client, runtime.redis.namespace, path / "redis.bin")
         counts = await asyncio.to_thread(
             restore_clickhouse, runtime.clickhouse.backend, runtime.clickhouse.sink.database, meta["clickhouse"]["copy"]
         )

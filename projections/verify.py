@@ -188,6 +188,13 @@ class _Projections:
         await self.redis.aclose()
 
     async def watermarks(self) -> dict[str, int]:
+        from projections.rebuild import current_namespace
+        from projections.redis_views import RedisViews
+
+        # the views live in the generation a rebuild switched to, if any
+        namespace = await current_namespace(self.redis, self.settings.redis_namespace)
+        if namespace != self.views.namespace:
+            self.views = RedisViews(self.redis, namespace)
         async with self.http.get(f"{self.api}/status", headers=self.headers) as resp:
             if resp.status != 200:
                 raise RuntimeError(
