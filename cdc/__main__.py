@@ -16,6 +16,7 @@ from rich.table import Table
 
 from cdc.capture import Capture, FatalCaptureError
 from cdc.config import ConfigError, Settings, mask_dsn
+from cdc.logs import setup_logging
 from cdc.lsn import format_lsn
 from cdc.metrics import CaptureMetrics
 from cdc.signals import ensure_signal_table, send_snapshot_signal
@@ -33,24 +34,6 @@ def _settings(**overrides: Any) -> Settings:
     except ConfigError as exc:
         err.print(f"[red]cdc: bad configuration:[/] {exc}")
         raise typer.Exit(2) from None
-
-
-def _setup_logging(level: str, json_logs: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if json_logs:
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        import orjson
-
-        return orjson.dumps(
-            {"ts": record.created, "level": record.levelname, "logger": record.name, "message": record.getMessage()}
-        ).decode()
 
 
 def _connect_or_exit(settings: Settings) -> psycopg.Connection[Any]:
@@ -76,7 +59,7 @@ def run(
     if tables is not None:
         overrides["tables"] = tuple(t.strip() for t in tables.split(",") if t.strip())
     settings = _settings(**overrides)
-    _setup_logging(log_level, json_logs)
+    setup_logging(log_level, json_logs)
     metrics = CaptureMetrics(settings.slot)
     try:
         metrics.serve(settings.metrics_port)
