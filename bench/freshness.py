@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from projection_throughput import Worker  # noqa: E402
 
+from cdc.lsn import parse_lsn  # noqa: E402
+
 ADMIN_DSN = os.environ.get("PG_DSN", "postgresql://postgres@127.0.0.1:55432/shop")
 
 
@@ -48,14 +50,65 @@ def _changes(dsn: str) -> int:
     return int(row[0]) if row else 0
 
 
-async def probe(dsn: str, url: str, seconds: float, interval: float) -> dict[str, list[float]]:
+class WatermarkWatch:
+    """When cdc's Watermark records pass an LSN on every partition: the pipeline's share of the time ends there."""
+
+    def __init__(self, prefix: str) -> None:
+        self.topics = [f"{prefix}.{a}.events" for a in ("order", "customer", "product")]
+        self.marks: dict[tuple[str, int], int] = {}
+        self.changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        self.consumer = AIOKafkaConsumer(*self.topics, bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:59092"),
+                                         group_id=None, auto_offset_reset="latest")  # fmt: skip
+        await self.consumer.start()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            got = await self.consumer.getmany(timeout_ms=100)
+            for tp, msgs in got.items():
+                for m in msgs:
+                    if m.value and m.value.startswith(b'{"event_type":"Watermark"'):
+                        self.marks[(tp.topic, tp.partition)] = parse_lsn(orjson.loads(m.value)["lsn"])
+            if got:
+                self.changed.set()
+                self.changed = asyncio.Event()
+
+    def minimum(self) -> int:
+        return min(self.marks.values()) if len(self.marks) == 18 else 0
+
+    async def wait(self, lsn: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.minimum() < lsn:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except TimeoutError:
+                pass
+        return True
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        await self.consumer.stop()
+
+
+async def probe(dsn: str, url: str, seconds: float, interval: float, prefix: str) -> dict[str, list[float]]:
     import aiohttp
 
     from writer import commands
     from writer.db import open_pool
 
     pool = await open_pool(dsn, 2)
-    out: dict[str, list[float]] = {"redis": [], "clickhouse": [], "timeouts": []}
+    out: dict[str, list[float]] = {"redis": [], "clickhouse": [], "kafka": [], "timeouts": []}
+    watch = WatermarkWatch(prefix)
+    await watch.start()
     try:
         customer = await commands.register_customer(pool, email=f"probe-{uuid.uuid4().hex[:8]}@example.com", full_name="Probe")
         async with aiohttp.ClientSession() as session:
@@ -71,6 +124,10 @@ async def probe(dsn: str, url: str, seconds: float, interval: float) -> dict[str
                     await resp.read()
                     (out["clickhouse"] if resp.status == 200 else out["timeouts"]).append(time.perf_counter() - t0)
 
+            async def kafka_seen(token: str, t0: float) -> None:
+                if await watch.wait(parse_lsn(token), 10.0):
+                    out["kafka"].append(time.perf_counter() - t0)
+
             tasks = []
             end = time.monotonic() + seconds
             n = 0
@@ -78,11 +135,35 @@ async def probe(dsn: str, url: str, seconds: float, interval: float) -> dict[str
                 n += 1
                 result = await commands.change_profile(pool, customer.id, full_name=f"Probe {n}")
                 t0 = time.perf_counter()
-                tasks += [asyncio.create_task(redis_read(result.lsn, t0)), asyncio.create_task(clickhouse_read(result.lsn, t0))]
+                tasks += [
+                    asyncio.create_task(redis_read(result.lsn, t0)),
+                    asyncio.create_task(clickhouse_read(result.lsn, t0)),
+                    asyncio.create_task(kafka_seen(result.lsn, t0)),
+                ]
                 await asyncio.sleep(interval)
             await asyncio.gather(*tasks)
     finally:
         await pool.close()
+        await watch.stop()
+    return out
+
+
+def _batch_means(text: str) -> dict[str, dict[str, float]]:
+    """Mean apply time and batch size per projection, from the worker's Prometheus text."""
+    raw: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in ("projection_apply_seconds_sum", "projection_apply_seconds_count", "projection_batch_size_sum"):
+            if line.startswith(name + "{"):
+                projection = line.split('projection="')[1].split('"')[0]
+                raw[f"{name}:{projection}"] = float(line.rsplit(" ", 1)[1])
+    out = {}
+    for p in ("redis", "clickhouse"):
+        n = raw.get(f"projection_apply_seconds_count:{p}", 0.0) or 1.0
+        out[p] = {
+            "batches": n,
+            "apply_ms_mean": round(1000 * raw.get(f"projection_apply_seconds_sum:{p}", 0.0) / n, 1),
+            "records_per_batch_mean": round(raw.get(f"projection_batch_size_sum:{p}", 0.0) / n, 1),
+        }
     return out
 
 
@@ -131,9 +212,13 @@ def main() -> None:
         )  # fmt: skip
         time.sleep(5)  # let the load and the pipeline settle
         before, t_before = _changes(dsn), time.monotonic()
-        result = asyncio.run(probe(dsn, worker.url, args.seconds, 0.1))
+        result = asyncio.run(probe(dsn, worker.url, args.seconds, 0.1, prefix))
         changes_per_s = (_changes(dsn) - before) / (time.monotonic() - t_before)
         status = worker.status()
+        import urllib.request
+
+        with urllib.request.urlopen(f"{worker.url}/metrics", timeout=30) as resp:
+            metrics = _batch_means(resp.read().decode())
     finally:
         for proc in (load, cdc):
             if proc is not None and proc.poll() is None:
@@ -159,8 +244,11 @@ def main() -> None:
         "changes_per_s_measured": round(changes_per_s),
         "commit_to_redis": _stats(result["redis"]),
         "commit_to_clickhouse": _stats(result["clickhouse"]),
+        # cdc's share: the commit until its Watermark is on every partition of the topics
+        "commit_to_kafka_watermark": _stats(result["kafka"]),
         "timeouts": len(result["timeouts"]),
         "targets_ms_p99": {"redis": 250, "clickhouse": 2000},
+        "batches": metrics,
         "lag_at_end": {n: {"lag_bytes": p["lag_bytes"], "lag_seconds": p["lag_seconds"]} for n, p in status["projections"].items()},
     }
     print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
