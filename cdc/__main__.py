@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -62,7 +63,7 @@ def run(
     setup_logging(log_level, json_logs)
     metrics = CaptureMetrics(settings.slot)
     try:
-        metrics.serve(settings.metrics_port)
+        metrics.serve(settings.metrics_port, os.environ.get("CDC_METRICS_ADDR", "127.0.0.1"))
     except OSError as exc:
         err.print(f"[red]cdc: cannot serve metrics on 127.0.0.1:{settings.metrics_port}:[/] {exc} (set CDC_METRICS_PORT)")
         raise typer.Exit(1) from None

@@ -85,16 +85,27 @@ class Capture:
                 return
             except FATAL as exc:
                 raise FatalCaptureError(str(exc)) from None
-            except (ReplicationError, psycopg.OperationalError, KafkaUnavailable, OSError) as exc:
-                self.metrics.errors.labels(slot=self.settings.slot, kind=type(exc).__name__).inc()
-                if time.monotonic() - started > 60:
-                    delay = 1.0
-                log.warning("capture interrupted: %s; reconnecting in %.0f s", _one_line(exc), delay)
-                try:
-                    await asyncio.wait_for(self.stopping.wait(), delay * (0.8 + 0.4 * random.random()))
-                except TimeoutError:
-                    pass
-                delay = min(delay * 2, 30.0)
+            except psycopg.OperationalError as exc:
+                text = _one_line(exc)
+                if "authentication" in text or "permission denied" in text or "must be superuser" in text:
+                    raise FatalCaptureError(f"Postgres refused the capture: {text}") from None
+                delay = await self._backoff(exc, started, delay)
+            except psycopg.Error as exc:  # privileges, a broken publication: not fixed by retrying
+                raise FatalCaptureError(f"Postgres: {_one_line(exc)}") from None
+            except (ReplicationError, KafkaUnavailable, OSError) as exc:
+                delay = await self._backoff(exc, started, delay)
+
+    async def _backoff(self, exc: BaseException, started: float, delay: float) -> float:
+        """Log, wait (or stop), and return the next delay: 1 s doubling to 30 s."""
+        self.metrics.errors.labels(slot=self.settings.slot, kind=type(exc).__name__).inc()
+        if time.monotonic() - started > 60:
+            delay = 1.0
+        log.warning("capture interrupted: %s; reconnecting in %.0f s", _one_line(exc), delay)
+        try:
+            await asyncio.wait_for(self.stopping.wait(), delay * (0.8 + 0.4 * random.random()))
+        except TimeoutError:
+            pass
+        return min(delay * 2, 30.0)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -110,8 +121,8 @@ class Capture:
         await asyncio.to_thread(
             publisher.ensure_topics, [topic_for(a.name, s.topic_prefix) for a in AGGREGATES]
         )
-        with psycopg.connect(s.query_dsn(), autocommit=True) as sqlconn:
-            tables = ensure_publication(sqlconn, s)
+        with psycopg.connect(s.query_dsn(), autocommit=True, connect_timeout=10) as sqlconn:
+            tables, added = ensure_publication(sqlconn, s)
             state = SnapshotState(sqlconn, s.slot)
             slot = read_slot(sqlconn, s.slot)
             if slot is None and state.complete():
@@ -123,15 +134,23 @@ class Capture:
             unfinished: list[str] = []
             if slot is not None:
                 check_slot_usable(slot, s)
-                if not state.complete():
+                if not state.complete() and s.snapshot_mode != "never":
                     # the exported snapshot died with the connection that made it; the
                     # tables it did not finish are read again as an incremental
                     # snapshot while streaming from the slot's consistent point
-                    unfinished = [name for name, _, done in state.tables() if not done]
+                    recorded = state.tables()
+                    if recorded:
+                        unfinished = [name for name, _, done in recorded if not done]
+                    else:  # the slot was made but the snapshot never began
+                        unfinished = [t.qualified for t in tables]
                     log.warning(
                         'slot "%s": the initial snapshot was interrupted; %s will be read as an '
                         "incremental snapshot while streaming", s.slot, ", ".join(unfinished) or "no table",
                     )
+            if slot is not None and added and s.snapshot_mode != "never":
+                # a table new to the publication: its existing rows were never read
+                log.info("tables new to the publication get an incremental snapshot: %s", ", ".join(added))
+                unfinished += [a for a in added if a not in unfinished]
         self._tables = {t.qualified: t for t in tables}
         repl = await ReplicationConnection.connect(s.replication_dsn())
         try:
@@ -170,7 +189,7 @@ class Capture:
         assert publisher is not None
         mapper = TransactionMapper()
         ts_ms = int(time.time() * 1000)
-        with psycopg.connect(s.query_dsn(), autocommit=True) as stateconn, psycopg.connect(s.query_dsn()) as conn:
+        with psycopg.connect(s.query_dsn(), autocommit=True, connect_timeout=10) as stateconn, psycopg.connect(s.query_dsn(), connect_timeout=10) as conn:
             state = SnapshotState(stateconn, s.slot)
             state.start(lsn, [t.qualified for t in tables])
             reader = SnapshotReader(conn, snapshot_name, lsn, ts_ms, s.snapshot_chunk)
@@ -181,6 +200,8 @@ class Capture:
                 log.info("snapshot of %s: about %d rows", table.qualified, estimate)
                 rows = 0
                 for chunk in reader.chunks(table):
+                    if self.stopping.is_set():
+                        return False  # this table is read again (incrementally) on restart
                     for change in chunk:
                         self._publish(mapper.snapshot(change), None)
                     rows += len(chunk)
@@ -245,7 +266,7 @@ class Capture:
                         for item in assembler.feed(msg.wal_start, msg.payload):
                             if item.__class__ is RowChange:
                                 if item.table == SIGNAL_TABLE and is_signal(item):
-                                    self._signal(item, runner)
+                                    await self._signal(item, runner)
                                     continue
                                 progress.changes += 1
                                 if tracker.watching:
@@ -306,10 +327,18 @@ class Capture:
                     log.error("%s; the stream goes on", runner.failed)
                     runner.failed = None
         finally:
+            if self.stopping.is_set() and not assembler.in_transaction:
+                # a clean stop: let Kafka take what is in flight and confirm it, so a
+                # restart does not send it again
+                try:
+                    await asyncio.to_thread(publisher.flush, 10.0)
+                    await self._send_status(repl, ckpt, reply=False)
+                except (ReplicationError, DeliveryFailed):
+                    pass
             assembler.close()
             await runner.stop()
 
-    def _signal(self, change: RowChange, runner: ResnapshotRunner) -> None:
+    async def _signal(self, change: RowChange, runner: ResnapshotRunner) -> None:
         signal = parse_signal(change)
         if signal is None:
             return
@@ -321,7 +350,7 @@ class Capture:
         tables = signal.data.get("tables")
         if not isinstance(tables, list) or not tables:
             tables = list(self._tables)
-        asyncio.get_running_loop().create_task(runner.request(signal.id, [str(t) for t in tables]))
+        await runner.request(signal.id, [str(t) for t in tables])
 
     def _finish_initial(self, lsn: int) -> None:
         with psycopg.connect(self.settings.query_dsn(), autocommit=True) as conn:

@@ -36,17 +36,22 @@ class Mark:
     chunk: int
     kind: str  # "low" | "high"
     table: str  # schema.table
+    # the process that wrote it: after a restart the stream replays marks of the
+    # previous session with the same request and chunk numbers; they must not count
+    session: str = ""
 
 
 def encode_mark(mark: Mark) -> str:
-    return orjson.dumps({"request": mark.request, "chunk": mark.chunk, "mark": mark.kind, "table": mark.table}).decode()
+    return orjson.dumps(
+        {"request": mark.request, "chunk": mark.chunk, "mark": mark.kind, "table": mark.table, "session": mark.session}
+    ).decode()
 
 
 def parse_mark(content: bytes) -> Mark | None:
     """A watermark message, or None for anything else under the prefix."""
     try:
         obj = orjson.loads(content)
-        mark = Mark(str(obj["request"]), int(obj["chunk"]), str(obj["mark"]), str(obj["table"]))
+        mark = Mark(str(obj["request"]), int(obj["chunk"]), str(obj["mark"]), str(obj["table"]), str(obj.get("session", "")))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
     return mark if mark.kind in ("low", "high") else None

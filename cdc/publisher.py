@@ -107,6 +107,12 @@ class Publisher:
         wanted = [n for n in names if n not in self.topics]
         if not wanted:
             return
+        try:
+            self._ensure_topics(wanted)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"Kafka at {self.bootstrap} did not answer about topics {', '.join(wanted)}: {exc}") from None
+
+    def _ensure_topics(self, wanted: list[str]) -> None:
         meta = self._admin.list_topics(timeout=10)
         missing = [n for n in wanted if n not in meta.topics]
         if missing:
@@ -144,6 +150,10 @@ class Publisher:
             except BufferError:
                 # librdkafka's own queue is full: serve delivery reports until it drains
                 self._producer.poll(0.05)
+            except KafkaException as exc:
+                raise PublishError(
+                    f"Kafka refused an event for {topic} (key {key[:60]!r}, {len(value)} bytes): {exc.args[0].str()}"
+                ) from None
 
     def publish_to(self, topic: str, partition: int, key: bytes | None, value: bytes, on_delivery: Callable[[KafkaError | None, Message], None]) -> None:
         while True:

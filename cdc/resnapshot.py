@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,7 @@ class ResnapshotRunner:
         self._conn: psycopg.Connection[Any] | None = None
         self._progress: list[tuple[int, str, int, list[str] | None, int, int, bool]] = []
         self.failed: str | None = None
+        self.session = uuid.uuid4().hex[:12]
 
     # ---- lifecycle
 
@@ -131,7 +133,7 @@ class ResnapshotRunner:
     def on_mark(self, mark: Mark, commit_lsn: int, commit_ts_ms: int) -> list[RowChange]:
         """A watermark seen in the stream; returns the reads to publish now (high marks)."""
         chunk = self._chunks.get((mark.request, mark.chunk))
-        if chunk is None:
+        if chunk is None or mark.session != self.session:
             return []  # written before a restart: its chunk is read again
         if mark.kind == "low":
             self.tracker.low(mark)
@@ -175,15 +177,25 @@ class ResnapshotRunner:
                 await self._snapshot(req)
             except asyncio.CancelledError:
                 raise
+            except psycopg.OperationalError as exc:
+                # the database blinked: carry on from the last chunk after a pause
+                log.warning("incremental snapshot %s paused: %s; retrying in 5 s", req.id, " ".join(str(exc).split()))
+                self.tracker.abandon(req.id)
+                self._conn = None
+                await asyncio.sleep(5)
+                self._queue.put_nowait(req)
             except Exception as exc:  # a failed request must not stop the stream
                 self.failed = f"incremental snapshot {req.id} failed: {exc}"
                 log.error("%s", self.failed)
                 self.tracker.abandon(req.id)
-                await asyncio.to_thread(
-                    self._db().execute,
-                    "update readside_cdc.incremental_snapshots set status = 'failed', error = %s where request_id = %s",
-                    (str(exc), req.id),
-                )
+                try:
+                    await asyncio.to_thread(
+                        self._db().execute,
+                        "update readside_cdc.incremental_snapshots set status = 'failed', error = %s where request_id = %s",
+                        (str(exc), req.id),
+                    )
+                except psycopg.Error:
+                    pass  # the request stays 'running' and is resumed by the next session
 
     async def _snapshot(self, req: _Request) -> None:
         chunk_rows = self.settings.snapshot_chunk
@@ -197,8 +209,13 @@ class ResnapshotRunner:
                 req.after_key = None
                 continue
             req.chunks += 1
-            low = Mark(req.id, req.chunks, "low", name)
-            high = Mark(req.id, req.chunks, "high", name)
+            if not info.key:
+                log.warning("snapshot %s: table %s has no primary key; it cannot be read in chunks, skipped", req.id, name)
+                req.table_index += 1
+                req.after_key = None
+                continue
+            low = Mark(req.id, req.chunks, "low", name, self.session)
+            high = Mark(req.id, req.chunks, "high", name, self.session)
             chunk = _Chunk(low, high)
             self._chunks[(req.id, req.chunks)] = chunk
             self.tracker.expect(low, info.key or tuple())

@@ -112,8 +112,11 @@ def _table_rows(conn: psycopg.Connection[tuple[object, ...]], schema: str, names
     return [TableInfo(str(r[0]), str(r[1]), tuple(str(k) for k in r[3] or ()), str(r[2])) for r in rows]  # type: ignore[attr-defined]
 
 
-def ensure_publication(conn: psycopg.Connection[tuple[object, ...]], settings: Settings) -> list[TableInfo]:
-    """Create (or extend) the publication over the configured tables; return them.
+def ensure_publication(
+    conn: psycopg.Connection[tuple[object, ...]], settings: Settings
+) -> tuple[list[TableInfo], list[str]]:
+    """Create (or extend) the publication over the configured tables; return them, and
+    the ones just added to an existing publication (their rows need a snapshot).
 
     Tables whose updates/deletes could not be identified (no primary key and no
     REPLICA IDENTITY FULL/INDEX) are refused with a clear message, since
@@ -150,6 +153,7 @@ def ensure_publication(conn: psycopg.Connection[tuple[object, ...]], settings: S
     exists = conn.execute("select 1 from pg_publication where pubname = %s", (settings.publication,)).fetchone()
     idents = sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in tables)
     signals = sql.Identifier(SIGNAL_SCHEMA, SIGNAL_TABLE)
+    added: list[str] = []
     if not exists:
         conn.execute(sql.SQL("create publication {} for table {}, {}").format(pub, idents, signals))
     else:
@@ -160,6 +164,7 @@ def ensure_publication(conn: psycopg.Connection[tuple[object, ...]], settings: S
             ).fetchall()
         }
         new = [t for t in tables if (t.schema, t.name) not in published]
+        added = [t.qualified for t in new]
         if (SIGNAL_SCHEMA, SIGNAL_TABLE) not in published:
             new.append(TableInfo(SIGNAL_SCHEMA, SIGNAL_TABLE, ("id",), "d"))
         if new:
@@ -168,7 +173,7 @@ def ensure_publication(conn: psycopg.Connection[tuple[object, ...]], settings: S
                     pub, sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in new)
                 )
             )
-    return tables
+    return tables, added
 
 
 def published_tables(conn: psycopg.Connection[tuple[object, ...]], settings: Settings) -> list[TableInfo]:

@@ -127,7 +127,8 @@ def read_letters(bootstrap: str, topic: str, limit: int | None = None) -> list[L
 def replay(bootstrap: str, topic: str, group: str) -> int:
     """Re-produce the letters not replayed yet to their source topics; returns how many."""
     consumer = _consumer(bootstrap, group)
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
+    # murmur2, like cdc's producer (and Java's): a replayed event lands on its aggregate's partition
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "partitioner": "murmur2_random"})
     try:
         parts = _partitions(consumer, topic)
         committed = consumer.committed(parts, timeout=10)
@@ -142,7 +143,12 @@ def replay(bootstrap: str, topic: str, group: str) -> int:
                 failures.append(str(err))
 
         for letter in letters:
-            producer.produce(letter.source_topic, letter.value, letter.key, on_delivery=delivered)
+            while True:
+                try:
+                    producer.produce(letter.source_topic, letter.value, letter.key, on_delivery=delivered)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
             producer.poll(0)
         left = producer.flush(60)
         if left or failures:

@@ -120,21 +120,36 @@ async def save_redis(client: redis.Redis, namespace: str, target: Path) -> int:
     return count
 
 
-async def restore_redis(client: redis.Redis, namespace: str, source: Path) -> int:
+def _records(source: Path) -> list[tuple[bytes, int, bytes]]:
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise SnapshotError(f"cannot read {source}: {exc}") from None
+    out = []
+    pos = 0
+    try:
+        while pos < len(data):
+            klen, ttl, vlen = _REC.unpack_from(data, pos)
+            pos += _REC.size
+            if pos + klen + vlen > len(data):
+                raise struct.error("truncated")
+            out.append((data[pos : pos + klen], ttl, data[pos + klen : pos + klen + vlen]))
+            pos += klen + vlen
+    except struct.error:
+        raise SnapshotError(f"{source} is truncated or damaged; nothing was restored") from None
+    return out
+
+
+async def restore_redis(client: redis.Redis, namespace: str, source: Path, expected: int) -> int:
+    records = _records(source)  # read and check everything before touching the live keys
+    if len(records) != expected:
+        raise SnapshotError(f"{source} holds {len(records)} keys, its metadata says {expected}; nothing was restored")
     old = await _namespace_keys(client, namespace)
     for start in range(0, len(old), 1000):
         await client.unlink(*old[start : start + 1000])
-    data = source.read_bytes()
-    pos = 0
     count = 0
     pipe = client.pipeline(transaction=False)
-    while pos < len(data):
-        klen, ttl, vlen = _REC.unpack_from(data, pos)
-        pos += _REC.size
-        key = data[pos : pos + klen]
-        pos += klen
-        value = data[pos : pos + vlen]
-        pos += vlen
+    for key, ttl, value in records:
         pipe.restore(key, max(ttl, 0), value, replace=True)
         count += 1
         if count % 1000 == 0:
@@ -171,6 +186,9 @@ def restore_clickhouse(backend: Any, database: str, snapshot_db: str) -> dict[st
     if not saved:
         raise SnapshotError(f"the ClickHouse copy {snapshot_db} is missing; the snapshot cannot be restored")
     counts: dict[str, int] = {}
+    for table in _tables(backend, database):
+        if table not in saved:  # made after the snapshot: it held nothing then
+            backend.command(f"TRUNCATE TABLE IF EXISTS {database}.{table}")
     for table in saved:
         backend.command(f"TRUNCATE TABLE IF EXISTS {database}.{table}")
         backend.command(f"INSERT INTO {database}.{table} SELECT * FROM {snapshot_db}.{table}")
@@ -225,7 +243,7 @@ async def restore_snapshot(runtime: Any, store: SnapshotStore, snapshot_id: str)
         )
     pipelines = runtime.pipelines
     async with _paused(pipelines):
-        keys = await restore_redis(runtime.redis.client, runtime.redis.namespace, path / "redis.bin")
+        keys = await restore_redis(runtime.redis.client, runtime.redis.namespace, path / "redis.bin", meta["redis"]["keys"])
         counts = await asyncio.to_thread(
             restore_clickhouse, runtime.clickhouse.backend, runtime.clickhouse.sink.database, meta["clickhouse"]["copy"]
         )

@@ -129,6 +129,7 @@ pg_up() {
     bin=$(pg_bindir)
     if pg_running; then
         pg_healthy || wait_for 30 postgres pg_healthy || die "Postgres (pid $(read_pid "$PG_DIR/data/postmaster.pid")) runs but does not answer on port $PG_PORT; see $PG_DIR/postgres.log"
+        ensure_shop_database
         say "postgres already running on 127.0.0.1:$PG_PORT"
         return 0
     fi
@@ -170,10 +171,14 @@ EOF
     as_postgres "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 start >/dev/null \
         || die "Postgres did not start; see $PG_DIR/postgres.log"
     wait_for 30 postgres pg_healthy || die "Postgres started but does not answer on port $PG_PORT; see $PG_DIR/postgres.log"
+    ensure_shop_database
+    say "postgres up on 127.0.0.1:$PG_PORT (wal_level=logical, data in $PG_DIR/data)"
+}
+
+ensure_shop_database() {
     if ! psql_cmd -d postgres -tAc "select 1 from pg_database where datname='shop'" | grep -q 1; then
         psql_cmd -d postgres -c "create database shop" >/dev/null || die "cannot create database shop"
     fi
-    say "postgres up on 127.0.0.1:$PG_PORT (wal_level=logical, data in $PG_DIR/data)"
 }
 
 psql_cmd() { "$(pg_bindir)/psql" -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres "$@"; }
@@ -277,7 +282,7 @@ KAFKA_JAVA=(java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true
 kafka_up() {
     ensure_kafka_installed
     if kafka_running; then
-        wait_for 60 kafka kafka_healthy || die "Kafka (pid $(read_pid "$KAFKA_DIR/kafka.pid")) runs but is not serving on port $KAFKA_PORT; see $KAFKA_DIR/logs/server.log"
+        wait_for 60 kafka port_listening "$KAFKA_PORT" || die "Kafka (pid $(read_pid "$KAFKA_DIR/kafka.pid")) runs but is not serving on port $KAFKA_PORT; see $KAFKA_DIR/logs/server.log"
         say "kafka already running on 127.0.0.1:$KAFKA_PORT"
         return 0
     fi
@@ -345,7 +350,7 @@ kafka_down() {
 
 kafka_status() {
     if kafka_running; then
-        if kafka_healthy; then say "kafka     up    pid $(read_pid "$KAFKA_DIR/kafka.pid")  127.0.0.1:$KAFKA_PORT"
+        if port_listening "$KAFKA_PORT"; then say "kafka     up    pid $(read_pid "$KAFKA_DIR/kafka.pid")  127.0.0.1:$KAFKA_PORT"
         else say "kafka     sick  pid $(read_pid "$KAFKA_DIR/kafka.pid")  not serving on $KAFKA_PORT"; fi
     else
         say "kafka     down"

@@ -527,3 +527,27 @@ def test_interrupted_initial_snapshot_resumes_while_streaming(cdc: CdcProcess, c
     log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
     assert_topics_rebuild_postgres(log, shop_dsn)
     log.close()
+
+
+def test_incremental_snapshot_killed_midway_resumes_and_reads_every_row(cdc: CdcProcess, conn: psycopg.Connection, shop_dsn: str) -> None:
+    cdc.extra_env["CDC_SNAPSHOT_CHUNK"] = "25"
+    cdc.start()
+    log = EventLog(cdc.prefix)
+    log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    assert cdc.run_to_end("snapshot", "--tables", "customers").returncode == 0
+    deadline = time.monotonic() + 60
+    while True:  # some chunks done, most not
+        row = conn.execute("select chunks from readside_cdc.incremental_snapshots where slot = %s", (cdc.name,)).fetchone()
+        if row and row[0] >= 3:
+            break
+        assert time.monotonic() < deadline and cdc.alive(), cdc.log()[-2000:]
+        time.sleep(0.1)
+    cdc.kill9()
+    # the restarted capture replays the killed session's watermarks: they must not count
+    cdc.start()
+    _wait_snapshot_done(conn, cdc.name, cdc, timeout=180)
+    log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    read_ids = {c["after"]["id"] for c in log.changes() if c["op"] == "r" and c["source"]["snapshot"] == "incremental"}
+    all_ids = {r[0] for r in conn.execute("select id from customers").fetchall()}
+    assert read_ids == all_ids, f"{len(all_ids - read_ids)} customers were never read, e.g. {sorted(all_ids - read_ids)[:5]}"
+    log.close()
