@@ -219,7 +219,7 @@ def order_items_added(anchor: RowChange, joined: list[RowChange]) -> Data:
     }
 
 
-def order_status(at: str | None, *, payment: bool = False, totals: bool = False) -> Builder:
+def order_status(at: str | None, *, payment: bool = False, totals: bool = False, nested_payment: bool = False) -> Builder:
     """Status transitions: new and previous status, the lifecycle timestamp, the payment row."""
 
     def build(anchor: RowChange, joined: list[RowChange]) -> Data:
@@ -237,10 +237,18 @@ def order_status(at: str | None, *, payment: bool = False, totals: bool = False)
             data["total"] = after.get("total")
         if payment:
             paid = next((row_of(c) for c in joined if c.table == "payments"), None)
-            data["payment_id"] = paid.get("id") if paid else None
-            data["amount"] = paid.get("amount") if paid else None
-            data["method"] = paid.get("method") if paid else None
-            data["provider_ref"] = paid.get("provider_ref") if paid else None
+            fields = {
+                "payment_id": paid.get("id") if paid else None,
+                "amount": paid.get("amount") if paid else None,
+                "method": paid.get("method") if paid else None,
+                "provider_ref": paid.get("provider_ref") if paid else None,
+            }
+            if nested_payment:
+                # OrderPaid v2: the capture row grouped under `payment`, null without
+                # one (v1 had the fields flat; projections/upcasting.py upcasts v1)
+                data["payment"] = fields if paid else None
+            else:
+                data.update(fields)
         return data
 
     return build
@@ -358,7 +366,7 @@ EVENT_TYPES: dict[str, EventType] = {
         # order
         EventType("OrderPlaced", 1, order_placed),
         EventType("OrderItemsAdded", 1, order_items_added),
-        EventType("OrderPaid", 1, order_status("paid_at", payment=True, totals=True), takes=1),
+        EventType("OrderPaid", 2, order_status("paid_at", payment=True, totals=True, nested_payment=True), takes=1),
         EventType("OrderShipped", 1, order_status("shipped_at")),
         EventType("OrderCancelled", 1, order_status("cancelled_at", payment=True), takes=1),
         EventType("OrderRefunded", 1, order_status("refunded_at", payment=True), takes=1),

@@ -117,7 +117,9 @@ def test_status_to_paid_is_order_paid_covering_its_capture_payment() -> None:
     assert ev.event_type == "OrderPaid"
     assert covered(ev) == [("orders", "u"), ("payments", "c")]
     assert ev.data["paid_at"] == T1
-    assert (ev.data["amount"], ev.data["method"], ev.data["payment_id"]) == ("22.00", "card", 9)
+    assert ev.event_version == 2
+    payment_fields = ev.data["payment"]
+    assert (payment_fields["amount"], payment_fields["method"], payment_fields["payment_id"]) == ("22.00", "card", 9)
 
 
 def test_capture_payment_written_before_the_status_update_is_still_covered() -> None:

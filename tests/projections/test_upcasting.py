@@ -10,15 +10,32 @@ from cdc.events import decode_record, encode_event
 from projections.upcasting import UPCASTERS, UpcastError, Upcasters
 
 
-def _order_paid_v1(shop_history):  # type: ignore[no-untyped-def]
+def _order_paid_v2_from_cdc(shop_history):  # type: ignore[no-untyped-def]
     shop_history.register(1)
     shop_history.place(10, 1, lines=2, price="12.50")
     events = shop_history.pay(10, payment_id=77)
     (paid,) = [e for e in events if e.event_type == "OrderPaid"]
     # exactly what cdc publishes today: decode it from the wire form
     event = decode_record(encode_event(paid)[1])
-    assert event.event_version == 1
+    assert event.event_version == 2
     return event
+
+
+def _order_paid_v1(shop_history):  # type: ignore[no-untyped-def]
+    """The same event as cdc published it before OrderPaid v2: payment fields flat."""
+    v2 = _order_paid_v2_from_cdc(shop_history)
+    data = {k: v for k, v in v2.data.items() if k != "payment"}
+    data.update(v2.data["payment"] or dict.fromkeys(("payment_id", "amount", "method", "provider_ref")))
+    return replace(v2, event_version=1, data=data)
+
+
+def test_upcasting_v1_gives_exactly_what_cdc_publishes_as_v2(shop_history) -> None:  # type: ignore[no-untyped-def]
+    v2 = _order_paid_v2_from_cdc(shop_history)
+    v1 = replace(
+        v2, event_version=1,
+        data={**{k: v for k, v in v2.data.items() if k != "payment"}, **v2.data["payment"]},
+    )  # fmt: skip
+    assert UPCASTERS.upcast(v1) == v2
 
 
 def test_order_paid_v1_from_cdc_is_upcast_to_v2_with_the_payment_nested(shop_history) -> None:  # type: ignore[no-untyped-def]
