@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -118,7 +118,7 @@ def dlq_list(json_out: Annotated[bool, typer.Option("--json", help="print JSON")
 
     settings = _settings()
     try:
-        report = {}
+        report: dict[str, dict[str, Any]] = {}
         for topic in dlq_topics(settings.kafka_bootstrap, settings.topic_prefix):
             total, errors = count_letters(settings.kafka_bootstrap, topic)
             report[topic] = {"letters": total, "errors": dict(errors.most_common(20))}

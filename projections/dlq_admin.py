@@ -79,8 +79,10 @@ def dlq_topics(bootstrap: str, prefix: str) -> list[str]:
 
 
 def _letter(msg: Message) -> Letter:
-    headers = {k: (v or b"").decode("utf-8", "replace") for k, v in (msg.headers() or [])}
-    return Letter(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), headers)
+    headers: dict[str, str] = {}
+    for k, v in msg.headers() or []:  # type: ignore[str-unpack]
+        headers[str(k)] = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v or "")
+    return Letter(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0), msg.key(), msg.value(), headers)
 
 
 def _drain(consumer: Consumer, parts: list[TopicPartition], limit: int | None) -> list[Letter]:

@@ -165,20 +165,19 @@ class Rebuilder:
         for msg in msgs:
             if msg.error():
                 continue
-            key = (msg.topic(), msg.partition())
+            key = (str(msg.topic()), int(msg.partition() or 0))
             watermark = positions[key].watermark
             try:
-                obj = decode_record(msg.value())
-                if obj.__class__ is Watermark:
-                    watermark = max(watermark, obj.lsn)  # type: ignore[union-attr]
+                obj = decode_record(msg.value() or b"")
+                if isinstance(obj, Watermark):
+                    watermark = max(watermark, obj.lsn)
                 else:
-                    event: DomainEvent = obj  # type: ignore[assignment]
-                    if event.event_version != upcasters.current(event.event_type):
-                        event = upcasters.upcast(event)
-                    events.append(event)
+                    if obj.event_version != upcasters.current(obj.event_type):
+                        obj = upcasters.upcast(obj)
+                    events.append(obj)
             except Exception:
                 pass
-            positions[key] = touched[key] = Position(msg.offset() + 1, watermark)
+            positions[key] = touched[key] = Position(int(msg.offset() or 0) + 1, watermark)
         return events, touched, len(msgs)
 
     async def _feed(self, state: RebuildState, targets: dict[str, Any], start: dict[PositionKey, tuple[int, int]]) -> None:
