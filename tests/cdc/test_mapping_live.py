@@ -148,7 +148,8 @@ async def test_the_writers_commands_become_their_domain_events(
         (mug.id, 2), (pen.id, 3)]  # fmt: skip
     assert order_placed.data["total"] == str(placed.total)
     paid = by_type[(str(placed.id), "OrderPaid")]
-    assert paid.data["amount"] == str(placed.total) and paid.data["method"] == "card"
+    assert paid.event_version == 2
+    assert paid.data["payment"]["amount"] == str(placed.total) and paid.data["payment"]["method"] == "card"
     assert [c["source"]["table"] for c in paid.changes] == ["orders", "payments"]
     cancelled = by_type[(str(second.id), "OrderCancelled")]
     assert cancelled.data["amount"] == str(second.total)  # refunded, since it was paid
