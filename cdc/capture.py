@@ -71,7 +71,6 @@ class Capture:
         self._topics: dict[str, str] = {}
         self._tables: dict[str, TableInfo] = {}
         self.resnapshot: ResnapshotRunner | None = None
-        self.snapshot_only_done = False
 
     # ---- top level: retries around one session
 
@@ -167,14 +166,12 @@ class Capture:
                     with psycopg.connect(s.query_dsn(), autocommit=True) as sqlconn:
                         SnapshotState(sqlconn, s.slot).finish(info.consistent_point)
                 if s.snapshot_mode == "initial_only":
-                    self.snapshot_only_done = True
                     return
             else:
                 assert slot.confirmed_flush is not None
                 start_lsn = slot.confirmed_flush
                 if s.snapshot_mode == "initial_only" and not unfinished:
                     log.info("initial snapshot already taken; nothing to do in initial_only mode")
-                    self.snapshot_only_done = True
                     return
             await self._stream(repl, start_lsn, unfinished)
         finally:

@@ -42,7 +42,6 @@ class Tx:
 class Checkpointer:
     def __init__(self, confirmed: int) -> None:
         self.confirmed = confirmed
-        self.published = confirmed  # end LSN of the newest transaction fully queued
         self._txs: deque[Tx] = deque()
 
     def begin(self) -> Tx:
@@ -53,8 +52,6 @@ class Checkpointer:
     def seal(self, tx: Tx, end_lsn: int) -> None:
         tx.end_lsn = end_lsn
         tx.sealed = True
-        if end_lsn > self.published:
-            self.published = end_lsn
 
     def idle(self) -> bool:
         """Nothing queued and unacknowledged, and no transaction open."""
@@ -65,7 +62,6 @@ class Checkpointer:
         confirmed: this is what keeps the slot moving while published tables are idle."""
         if not self._txs and wal_end > self.confirmed:
             self.confirmed = wal_end
-            self.published = max(self.published, wal_end)
 
     def confirmable(self) -> int:
         txs = self._txs
@@ -79,9 +75,6 @@ class Checkpointer:
             if head.end_lsn > self.confirmed:
                 self.confirmed = head.end_lsn
         return self.confirmed
-
-    def open_count(self) -> int:
-        return len(self._txs)
 
 
 class DeliveryFailed(Exception):

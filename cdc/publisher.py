@@ -79,14 +79,10 @@ class Publisher:
         self._admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _KAFKA_LOG})  # type: ignore[dict-item]
         self.topics: dict[str, int] = {}
         self.error: str | None = None
-        self.broker_down_since: float | None = None
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
             self.error = f"Kafka producer fatal error: {err.str()}"
-        elif err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
-            if self.broker_down_since is None:
-                self.broker_down_since = time.monotonic()
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the cluster answers a metadata request."""
@@ -95,7 +91,6 @@ class Publisher:
         while time.monotonic() < deadline:
             try:
                 self._admin.list_topics(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
-                self.broker_down_since = None
                 return
             except KafkaException as exc:
                 last = exc
