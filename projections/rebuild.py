@@ -78,6 +78,9 @@ class Rebuilder:
         self.runtime = runtime
         self.state: RebuildState | None = None
         self._task: asyncio.Task[None] | None = None
+        self._snapshot_request: str | None = None
+        self._snapshot_checked = 0.0
+        self._snapshot_finished = False
 
     def start(self, projections: list[str], source: str) -> RebuildState:
         if self.state is not None and self.state.status in ("running", "switching"):
@@ -153,8 +156,9 @@ class Rebuilder:
 
         from cdc.signals import send_snapshot_signal
 
-        with psycopg.connect(self.runtime.settings.pg_dsn, autocommit=True) as conn:
-            send_snapshot_signal(conn, None, [])
+        with psycopg.connect(self.runtime.settings.pg_dsn, autocommit=True, connect_timeout=10) as conn:
+            self._snapshot_request = send_snapshot_signal(conn, None, [])
+        self._snapshot_finished = False
 
     def _read(self, consumer: Consumer, positions: dict[PositionKey, Position], upcasters: Any) -> tuple[list[DomainEvent], dict[PositionKey, Position], int]:
         """One batch from the topics: its events (upcast) and the positions it reaches.
@@ -207,9 +211,9 @@ class Rebuilder:
     async def _maybe_switch(
         self, state: RebuildState, name: str, target: Any, positions: dict[PositionKey, Position], consumer: Consumer, upcasters: Any
     ) -> bool:
-        if state.source == "snapshot" and not await asyncio.to_thread(self._snapshot_done):
-            return False
         if self._behind(name, positions) > 2000:
+            return False
+        if state.source == "snapshot" and not await self._snapshot_done():
             return False
         pipeline = self.runtime.pipelines[name]
         state.status = "switching"
@@ -231,17 +235,29 @@ class Rebuilder:
         state.status = "running"
         return True
 
-    def _snapshot_done(self) -> bool:
+    async def _snapshot_done(self) -> bool:
+        """Has the capture finished the snapshot this rebuild asked for? Asked of
+        Postgres at most every 2 s, not per batch."""
+        if self._snapshot_finished:
+            return True
+        now = time.monotonic()
+        if now - self._snapshot_checked < 2.0:
+            return False
+        self._snapshot_checked = now
+        self._snapshot_finished = await asyncio.to_thread(self._query_snapshot_status) == "done"
+        return self._snapshot_finished
+
+    def _query_snapshot_status(self) -> str | None:
         import psycopg
 
-        with psycopg.connect(self.runtime.settings.pg_dsn, autocommit=True) as conn:
+        with psycopg.connect(self.runtime.settings.pg_dsn, autocommit=True, connect_timeout=10) as conn:
             row = conn.execute(
-                """select count(*) filter (where status <> 'done'), count(*)
-                     from readside_cdc.incremental_snapshots
-                    where created_at >= to_timestamp(%s)""",
-                (self.state.started - 5 if self.state else 0,),
+                "select status from readside_cdc.incremental_snapshots where request_id = %s",
+                (self._snapshot_request,),
             ).fetchone()
-        return bool(row and row[1] > 0 and row[0] == 0)
+        if row is not None and row[0] == "failed":
+            raise RuntimeError(f"the capture's snapshot {self._snapshot_request} failed; see python -m cdc snapshot --status")
+        return str(row[0]) if row else None
 
 
 class _RedisTarget:
