@@ -57,7 +57,7 @@ def worker(
     # cycles); the cyclic collector's full passes over that were seconds-long pauses.
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(300_000, 100, 1000)
     # The ClickHouse apply thread digests in Python; hand the GIL back to the event loop
     # (Redis pipeline, API) more often than the default 5 ms.
     sys.setswitchinterval(0.001)
@@ -256,19 +256,26 @@ def rebuild(
     state = _worker_call(settings, "POST", "/admin/rebuild", {"projections": names, "source": source})
     with Progress(
         TextColumn("rebuild {task.fields[names]}"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
-        TextColumn("{task.fields[rate]:,.0f} records/s"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+        TextColumn("{task.fields[rate]:,.0f} records/s"), TextColumn("{task.fields[skipped]:,} skipped"),
+        TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
     ) as bar:  # fmt: skip
-        task = bar.add_task("rebuild", total=max(1, state["total"]), names=",".join(names), rate=0.0, status=state["status"])
+        task = bar.add_task("rebuild", total=max(1, state["total"]), names=",".join(names), rate=0.0,
+                            skipped=state.get("skipped", 0), status=state["status"])  # fmt: skip
         while state["status"] in ("running", "switching"):
             time.sleep(0.5)
             state = _worker_call(settings, "GET", "/admin/rebuild")
-            bar.update(task, total=max(1, state["total"], state["done"]), completed=state["done"], rate=state["rate"], status=state["status"])
+            bar.update(task, total=max(1, state["total"], state["done"]), completed=state["done"], rate=state["rate"],
+                       skipped=state.get("skipped", 0), status=state["status"])  # fmt: skip
     for step in state["steps"]:
         typer.echo(step)
+    skipped = state.get("skipped", 0)
+    by_stage = ", ".join(f"{k} {v:,}" for k, v in sorted(state.get("skipped_by_stage", {}).items()))
     if state["status"] != "done":
-        typer.echo(f"projections: rebuild {state['status']}: {state['error']}; the live generation keeps serving", err=True)
+        typer.echo(f"projections: rebuild {state['status']} after {state['done']:,} records ({skipped:,} skipped): "
+                   f"{state['error']}; the live generation keeps serving", err=True)  # fmt: skip
         raise typer.Exit(1)
-    typer.echo(f"rebuild done in {state['elapsed_s']} s ({state['done']:,} records)")
+    typer.echo(f"rebuild done in {state['elapsed_s']} s ({state['done']:,} records, {skipped:,} skipped"
+               f"{f': {by_stage}' if by_stage else ''})")  # fmt: skip
 
 
 if __name__ == "__main__":

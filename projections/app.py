@@ -246,31 +246,102 @@ Decoded = tuple[Any, Any]
 
 
 class SharedDecodes:
-    """Both pipelines read the same records: the first to get one decodes (and upcasts) it,
-    the others reuse that. Bounded: a pipeline far behind simply decodes again itself.
-    Events are never modified after decoding (the sinks only read them), so sharing is safe."""
+    """Both pipelines read the same records: the first to reach one decodes (and upcasts)
+    it and leaves it here for the other, which takes it instead of decoding it again.
 
-    def __init__(self, readers: int, limit: int = 25_000) -> None:
-        from collections import OrderedDict
+    Per partition, the entries lie between the follower's position and the
+    leader's, in offset order. A leader more than `limit` records ahead waits
+    (pace()) for the follower, so every record is decoded once; unless the
+    follower has not taken anything for `stall_s` (its store is down, or it is
+    paused for a rebuild): then the leader goes on alone, stops leaving
+    records, and the follower decodes its own when it comes back. Events are
+    never modified after decoding (the sinks only read them), so sharing is safe.
+    """
 
+    def __init__(self, readers: int, limit: int = 20_000, stall_s: float = 2.0) -> None:
         self.readers = readers
         self.limit = limit
-        self._items: OrderedDict[tuple[str, int, int], list[Any]] = OrderedDict()
+        self.stall_s = stall_s
+        # per partition: the reader the entries are left for, and the entries by offset
+        self._items: dict[PositionKey, tuple[str, dict[int, Decoded]]] = {}
+        self._waiting: dict[str, int] = {}  # per reader: entries left for it
+        # per reader: the partitions it owns, its next offset on each, its last take
+        self._owned: dict[str, set[PositionKey]] = {}
+        self._next: dict[str, dict[PositionKey, int]] = {}
+        self._active: dict[str, float] = {}
+        self._drained = asyncio.Event()
 
-    def take(self, key: tuple[str, int, int]) -> Decoded | None:
-        item = self._items.get(key)
-        if item is None:
+    def assign(self, reader: str, keys: Iterable[PositionKey]) -> None:
+        """The partitions `reader` consumes now (on every assignment): the cache starts over."""
+        self._items.clear()
+        self._waiting.clear()
+        self._drained.set()
+        self._owned[reader] = set(keys)
+        self._next[reader] = {}
+        self._active[reader] = time.monotonic()
+
+    def take(self, reader: str, key: PositionKey, offset: int) -> Decoded | None:
+        """The record's decoding if another reader left it; what lies before it goes (skipped)."""
+        self._next.setdefault(reader, {})[key] = offset + 1
+        entry = self._items.get(key)
+        if entry is None or entry[0] != reader:
             return None
-        item[1] -= 1
-        if item[1] <= 0:
+        items = entry[1]
+        first = next(iter(items))
+        if first > offset:
+            return None
+        self._active[reader] = time.monotonic()
+        dropped = 1
+        while first < offset:
+            del items[first]
+            dropped += 1
+            if not items:
+                del self._items[key]
+                self._taken(reader, dropped - 1)
+                return None
+            first = next(iter(items))
+        self._taken(reader, dropped)
+        decoded = items.pop(offset)
+        if not items:
             del self._items[key]
-        return item[0]  # type: ignore[no-any-return]
+        return decoded
 
-    def put(self, key: tuple[str, int, int], decoded: Decoded) -> None:
-        if self.readers > 1:
-            self._items[key] = [decoded, self.readers - 1]
-            if len(self._items) > self.limit:
-                self._items.popitem(last=False)
+    def _taken(self, reader: str, n: int) -> None:
+        left = self._waiting[reader] = max(0, self._waiting.get(reader, 0) - n)
+        if left < self.limit // 2:
+            self._drained.set()
+
+    def put(self, reader: str, key: PositionKey, offset: int, decoded: Decoded) -> None:
+        """Leave a decoding for the other reader, if it owns the partition and has not passed it."""
+        for other, owned in self._owned.items():
+            if other == reader or key not in owned or self._next[other].get(key, 0) > offset:
+                continue
+            waiting = self._waiting.get(other, 0)
+            if waiting >= 2 * self.limit:
+                return  # it stalled (see pace()): it decodes its own
+            entry = self._items.get(key)
+            if entry is None or entry[0] != other:
+                if entry is not None:  # left for `reader`, which has now passed them
+                    self._taken(entry[0], len(entry[1]))
+                entry = self._items[key] = (other, {})
+            entry[1][offset] = decoded
+            self._waiting[other] = waiting + 1
+            return
+
+    async def pace(self, reader: str) -> None:
+        """Wait while `reader` leads by `limit` records and the others keep taking them."""
+        while True:
+            behind = [r for r, n in self._waiting.items() if r != reader and n >= self.limit]
+            if not behind:
+                return
+            now = time.monotonic()
+            if all(now - self._active.get(r, 0.0) > self.stall_s for r in behind):
+                return
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), self.stall_s)
+            except TimeoutError:
+                pass
 
     def __bool__(self) -> bool:
         return self.readers > 1
@@ -344,16 +415,17 @@ class Projector:
         running = self._running
         upcasts = 0
         shared = self.shared
+        name = self.name
         for n, rec in enumerate(records, 1):
             if n % 500 == 0:
                 await asyncio.sleep(0)  # let the API and the other pipeline run between chunks
             key = (rec.topic, rec.partition)
             offsets[key] = rec.offset + 1
-            decoded = shared.take((rec.topic, rec.partition, rec.offset)) if shared else None
+            decoded = shared.take(name, key, rec.offset) if shared else None
             if decoded is None:
                 decoded = self._decode(rec.value)
                 if shared:
-                    shared.put((rec.topic, rec.partition, rec.offset), decoded)
+                    shared.put(name, key, rec.offset, decoded)
             obj = decoded[0]
             if obj.__class__ is DomainEvent:
                 events.append(obj)
@@ -540,7 +612,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # wait for the batch in flight: its positions and offsets go out first
         async with self.pipeline.batch_lock:
-            pass
+            shared = self.pipeline.projector.shared
+            if shared:
+                shared.assign(self.pipeline.projector.name, ())
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self.pipeline.batch_lock:
@@ -630,6 +704,8 @@ class Pipeline(Service):
         consumer = self.consumer
         assert consumer is not None
         keys = [(tp.topic, tp.partition) for tp in assigned]
+        if self.projector.shared:
+            self.projector.shared.assign(self.projector.name, keys)
         stored = await self.projector.resume(keys)
         for tp in assigned:
             pos = stored.get((tp.topic, tp.partition))
@@ -686,6 +762,9 @@ class Pipeline(Service):
             if self.consumer is None:
                 await self.sleep(0.1)
                 continue
+            shared = self.projector.shared
+            if shared:
+                await self.wait_for_stopped(shared.pace(self.projector.name))
             try:
                 records = await self.take()
             except KafkaError as exc:
