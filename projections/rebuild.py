@@ -81,6 +81,10 @@ class Rebuilder:
         self._snapshot_request: str | None = None
         self._snapshot_checked = 0.0
         self._snapshot_finished = False
+        # --source snapshot: the topics' end offsets once the capture said the snapshot
+        # is done (every read it published is before them); the new generation reads
+        # at least this far before it is switched in
+        self._snapshot_end: dict[PositionKey, int] = {}
 
     def start(self, projections: list[str], source: str) -> RebuildState:
         if self.state is not None and self.state.status in ("running", "switching"):
@@ -95,6 +99,7 @@ class Rebuilder:
         return self.state
 
     async def _run(self, state: RebuildState) -> None:
+        self._snapshot_request, self._snapshot_finished, self._snapshot_end = None, False, {}
         try:
             targets = {name: await self._new_generation(name) for name in state.projections}
             start = await asyncio.to_thread(self._start_offsets, state.source)
@@ -199,21 +204,35 @@ class Rebuilder:
                     for target in pending.values():
                         await target.apply(events, touched)
                 for name in list(pending):
-                    if await self._maybe_switch(state, name, pending[name], positions, consumer, upcasters):
+                    if await self._maybe_switch(state, name, pending, positions, consumer, upcasters):
                         del pending[name]
         finally:
             consumer.close()
 
     def _behind(self, name: str, positions: dict[PositionKey, Position]) -> int:
+        """Records the new generation must still read before it may replace the live one:
+        up to the live one's positions, and with --source snapshot up to the end of the
+        snapshot (the live positions alone say nothing about that: the new generation
+        started at the end of the topics, and the live one may be behind the snapshot's
+        reads as well)."""
         live = self.runtime.pipelines[name].projector.progress.applied
-        return sum(max(0, (live[k].offset if k in live else 0) - positions[k].offset) for k in positions)
+        end = self._snapshot_end
+        return sum(
+            max(0, max(live[k].offset if k in live else 0, end.get(k, 0)) - positions[k].offset)
+            for k in positions
+        )
 
     async def _maybe_switch(
-        self, state: RebuildState, name: str, target: Any, positions: dict[PositionKey, Position], consumer: Consumer, upcasters: Any
+        self, state: RebuildState, name: str, pending: dict[str, Any], positions: dict[PositionKey, Position],
+        consumer: Consumer, upcasters: Any,
     ) -> bool:
-        if self._behind(name, positions) > 2000:
-            return False
+        """Switch `name` once it is close enough to the live one. `pending` holds every
+        generation still being built: they share one consumer and its positions, so
+        whatever is read while catching up here is applied to all of them."""
+        target = pending[name]
         if state.source == "snapshot" and not await self._snapshot_done():
+            return False
+        if self._behind(name, positions) > 2000:
             return False
         pipeline = self.runtime.pipelines[name]
         state.status = "switching"
@@ -222,7 +241,8 @@ class Rebuilder:
             while self._behind(name, positions):
                 events, touched, n = await asyncio.to_thread(self._read, consumer, positions, upcasters)
                 if n:
-                    await target.apply(events, touched)
+                    for building in pending.values():
+                        await building.apply(events, touched)
                 state.done += n
             # every partition gets a stored position, even those with nothing new
             await target.apply([], dict(positions))
@@ -244,8 +264,14 @@ class Rebuilder:
         if now - self._snapshot_checked < 2.0:
             return False
         self._snapshot_checked = now
-        self._snapshot_finished = await asyncio.to_thread(self._query_snapshot_status) == "done"
-        return self._snapshot_finished
+        if await asyncio.to_thread(self._query_snapshot_status) != "done":
+            return False
+        # 'done' is recorded once Kafka acknowledged the last chunk's reads: they are
+        # all before the end offsets read now
+        ends = await asyncio.to_thread(self._start_offsets, "topics")
+        self._snapshot_end = {k: hi for k, (_, hi) in ends.items()}
+        self._snapshot_finished = True
+        return True
 
     def _query_snapshot_status(self) -> str | None:
         import psycopg
