@@ -18,6 +18,13 @@ then switched in atomically while the live one keeps serving.
 Reads are served by the old generation until the switch and by the new one
 after; since the new one is at or past the old one's positions at the switch,
 no read fails and no watermark goes backwards.
+
+Records the rebuild cannot read (they do not decode, or their version cannot
+be upcast) are left out of the new generation, as the live pipeline leaves
+them out of the live one (it dead-letters them). They are counted: ``skipped``
+and ``skipped_by_stage`` in the rebuild's state (``GET /admin/rebuild``), the
+CLI's progress line and final report, and a warning in the worker's log for
+the first few, naming their topic, partition and offset.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from projections.positions import Position, PositionKey
 __all__ = ["Rebuilder", "current_namespace", "generation_pointer"]
 
 log = logging.getLogger("projections.rebuild")
+# records that cannot be read: the first few are logged one by one, the rest only counted
+_SKIPS_LOGGED = 20
 
 
 def generation_pointer(base: str) -> str:
@@ -60,6 +69,15 @@ class RebuildState:
     finished: float | None = None
     error: str | None = None
     steps: list[str] = field(default_factory=list)
+    # records left out because they could not be read, by stage (decode | upcast)
+    skipped_by_stage: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skipped_by_stage.values())
+
+    def skip(self, stage: str, n: int = 1) -> None:
+        self.skipped_by_stage[stage] = self.skipped_by_stage.get(stage, 0) + n
 
     def view(self) -> dict[str, Any]:
         elapsed = (self.finished or time.time()) - self.started
@@ -70,6 +88,7 @@ class RebuildState:
             "total": self.total, "done": self.done, "rate": round(rate, 1),
             "eta_s": round(left / rate, 1) if rate > 0 and self.status == "running" else None,
             "elapsed_s": round(elapsed, 1), "error": self.error, "steps": self.steps,
+            "skipped": self.skipped, "skipped_by_stage": dict(self.skipped_by_stage),
         }  # fmt: skip
 
 
@@ -107,6 +126,12 @@ class Rebuilder:
                 await asyncio.to_thread(self._request_snapshot)
                 state.steps.append("incremental snapshot requested from the capture")
             await self._feed(state, targets, start)
+            if state.skipped:
+                stages = ", ".join(f"{k}: {v}" for k, v in sorted(state.skipped_by_stage.items()))
+                state.steps.append(
+                    f"{state.skipped} records could not be read and were skipped ({stages}); the live "
+                    "pipeline dead-lettered them: python -m projections dlq list"
+                )
             state.status = "done"
         except Exception as exc:  # reported through /admin/rebuild; the live generation stays
             log.exception("rebuild %s failed", state.id)
@@ -165,9 +190,12 @@ class Rebuilder:
             self._snapshot_request = send_snapshot_signal(conn, None, [])
         self._snapshot_finished = False
 
-    def _read(self, consumer: Consumer, positions: dict[PositionKey, Position], upcasters: Any) -> tuple[list[DomainEvent], dict[PositionKey, Position], int]:
+    def _read(
+        self, consumer: Consumer, positions: dict[PositionKey, Position], upcasters: Any, state: RebuildState
+    ) -> tuple[list[DomainEvent], dict[PositionKey, Position], int]:
         """One batch from the topics: its events (upcast) and the positions it reaches.
-        Records that cannot be read are skipped: the live pipeline dead-lettered them."""
+        Records that cannot be read are skipped (the live pipeline dead-lettered
+        them) and counted in ``state``."""
         msgs = consumer.consume(5000, 0.2)
         events: list[DomainEvent] = []
         touched: dict[PositionKey, Position] = {}
@@ -175,18 +203,26 @@ class Rebuilder:
             if msg.error():
                 continue
             key = (str(msg.topic()), int(msg.partition() or 0))
+            offset = int(msg.offset() or 0)
             watermark = positions[key].watermark
+            stage = "decode"
             try:
                 obj = decode_record(msg.value() or b"")
                 if isinstance(obj, Watermark):
                     watermark = max(watermark, obj.lsn)
                 else:
+                    stage = "upcast"
                     if obj.event_version != upcasters.current(obj.event_type):
                         obj = upcasters.upcast(obj)
                     events.append(obj)
-            except Exception:
-                pass
-            positions[key] = touched[key] = Position(int(msg.offset() or 0) + 1, watermark)
+            except Exception as exc:
+                state.skip(stage)
+                if state.skipped <= _SKIPS_LOGGED:
+                    log.warning(
+                        "rebuild %s: skipped %s:%d@%d (%s failed: %s)%s", state.id, key[0], key[1], offset, stage,
+                        str(exc)[:300], "; further skips are only counted" if state.skipped == _SKIPS_LOGGED else "",
+                    )  # fmt: skip
+            positions[key] = touched[key] = Position(offset + 1, watermark)
         return events, touched, len(msgs)
 
     async def _feed(self, state: RebuildState, targets: dict[str, Any], start: dict[PositionKey, tuple[int, int]]) -> None:
@@ -198,7 +234,7 @@ class Rebuilder:
         pending = dict(targets)
         try:
             while pending:
-                events, touched, n = await asyncio.to_thread(self._read, consumer, positions, upcasters)
+                events, touched, n = await asyncio.to_thread(self._read, consumer, positions, upcasters, state)
                 state.done += n
                 if n:
                     for target in pending.values():
@@ -239,7 +275,7 @@ class Rebuilder:
         async with pipeline.batch_lock:
             # the live generation is frozen now: reach (or pass) its exact positions
             while self._behind(name, positions):
-                events, touched, n = await asyncio.to_thread(self._read, consumer, positions, upcasters)
+                events, touched, n = await asyncio.to_thread(self._read, consumer, positions, upcasters, state)
                 if n:
                     for building in pending.values():
                         await building.apply(events, touched)
