@@ -1,103 +1,238 @@
-"""Rebuild under live load: a new generation is built beside the live one and switched in;
-no read fails, no watermark goes backwards, and the result equals a projection built fresh."""
+"""Rebuilds: a new generation is built beside the live one and switched in.
+
+- Under live writer load, through the real pipeline (writer -> Postgres ->
+  ``python -m cdc run`` -> Kafka -> worker), first from the topics, then from a
+  fresh incremental snapshot of the capture (on top of the first rebuild's
+  generation): no read fails and no watermark or order count goes backwards
+  during the switch, the old generation is dropped, and once the load stops
+  and the pipeline caught up the verifier (projections/verify.py, against
+  Postgres) finds no difference.
+- Records the rebuild cannot read (undecodable, unknown version) are counted
+  in its state, its progress output and its final report.
+"""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
+import psycopg
+import pytest
 import redis
 
 from cdc.lsn import parse_lsn
-from tests.projections.test_snapshots import views, wait_watermark
+from tests.projections.conftest import KAFKA_BOOTSTRAP, REDIS_URL
+from tests.projections.test_e2e import ADMIN_DSN, Stack
+from tests.projections.test_snapshots import wait_watermark
 
 ROOT = Path(__file__).resolve().parents[2]
+# generous on a loaded 2-core machine: the worker, cdc, the writer, Postgres, Kafka and
+# the test's reader share it
+CATCH_UP_S = 180.0
 
 
-def test_rebuild_under_live_load_switches_without_a_failed_read(
-    event_topics: Any, shop_history: Any, worker_factory: Any, tmp_path: Path
-) -> None:
-    namespace = f"test:{uuid.uuid4().hex[:8]}"
-    worker = worker_factory(event_topics.prefix, namespace)
-    worker.start()
-    first = []
-    for cid in range(1, 21):
-        first += shop_history.register(cid)
-        first += shop_history.place(cid, cid)
-    event_topics.publish(first, watermark=shop_history.lsn + 0x1000)
-    wait_watermark(worker, shop_history.lsn + 0x1000)
+def rebuild(worker: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "projections", "rebuild", *args], cwd=ROOT, env=worker.env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
 
-    stop = threading.Event()
-    failures: list[str] = []
-    regressions: list[str] = []
 
-    def reader() -> None:
-        last: dict[str, int] = {}
+def generation(client: redis.Redis, namespace: str) -> str:
+    value = client.get(f"{namespace}@generation")
+    return value.decode() if isinstance(value, bytes) else namespace
+
+
+def delete_keys(client: redis.Redis, pattern: str) -> None:
+    batch = list(client.scan_iter(match=pattern, count=1000))
+    for i in range(0, len(batch), 1000):
+        client.delete(*batch[i : i + 1000])
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A database, slot, publication, topic prefix, Redis namespace and chdb directory of
+    this module's own, a seeded shop, cdc and a worker on it; all removed afterwards."""
+    s = Stack(tmp_path_factory.mktemp("rebuild"))
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{s.db}"')
+    try:
+        s.writer("migrate")
+        s.writer(
+            "seed", "--customers", "300", "--products", "60", "--orders", "1500", "--seed", "5"
+        )
+        s.start_cdc()
+        s.worker.start()
+        yield s
+    finally:
+        s.worker.stop()
+        if s.cdc is not None and s.cdc.poll() is None:
+            s.cdc.send_signal(signal.SIGTERM)
+            try:
+                s.cdc.wait(20)
+            except subprocess.TimeoutExpired:
+                s.cdc.kill()
+        subprocess.run([sys.executable, "-m", "cdc", "reset", "--yes"], cwd=ROOT, env=s.cdc_env,
+                       capture_output=True, timeout=60)  # fmt: skip
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{s.db}" WITH (FORCE)')
+        client = redis.Redis.from_url(REDIS_URL)
+        # the base namespace, every generation (<ns>.g<N>:) and the pointer (<ns>@generation)
+        delete_keys(client, f"{s.namespace}[:.@]*")
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": KAFKA_BOOTSTRAP})
+        doomed = [n for n in admin.list_topics(timeout=10).topics if n.startswith(s.prefix + ".")]
+        if doomed:
+            admin.delete_topics(doomed)
+
+
+class Reader(threading.Thread):
+    """Reads views and the status page in a loop; any failed read, and any watermark or
+    order count that goes backwards, is recorded."""
+
+    def __init__(self, worker: Any, customers: list[int], orders: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.worker = worker
+        self.customers, self.orders = customers, orders
+        self.stop = threading.Event()
+        self.failures: list[str] = []
+        self.regressions: list[str] = []
+        self.reads = 0
+
+    def run(self) -> None:
+        marks: dict[str, int] = {}
+        count = 0
         i = 0
-        while not stop.is_set():
+        while not self.stop.is_set():
             i += 1
-            code, body, _ = worker.get(f"/users/{1 + i % 20}")
+            for path in (f"/users/{self.customers[i % len(self.customers)]}",
+                         f"/orders/{self.orders[i % len(self.orders)]}"):  # fmt: skip
+                code, body, _ = self.worker.get(path)
+                self.reads += 1
+                if code != 200:
+                    self.failures.append(f"{path} -> {code} {body}")
+            code, body = self.worker.post("/analytics/sql", {"sql": "SELECT count() FROM orders_v"})
+            self.reads += 1
             if code != 200:
-                failures.append(f"/users/{1 + i % 20} -> {code} {body}")
-            code, status, _ = worker.get("/status")
+                self.failures.append(f"/analytics/sql -> {code} {body}")
+            else:
+                n = int(body["rows"][0][0])
+                if n < count:
+                    self.regressions.append(f"orders_v count {count} -> {n}")
+                count = max(count, n)
+            code, status, _ = self.worker.get("/status")
+            self.reads += 1
             if code != 200:
-                failures.append(f"/status -> {code}")
+                self.failures.append(f"/status -> {code} {status}")
                 continue
             for name, p in status["projections"].items():
                 mark = parse_lsn(p["watermark"])
-                if mark < last.get(name, 0):
-                    regressions.append(f"{name}: {last[name]:X} -> {mark:X}")
-                last[name] = max(last.get(name, 0), mark)
+                if mark < marks.get(name, 0):
+                    self.regressions.append(f"{name} watermark {marks[name]:X} -> {mark:X}")
+                marks[name] = max(marks.get(name, 0), mark)
 
-    def writer() -> None:
-        oid = 21
-        while not stop.is_set():
-            events = shop_history.pay(oid - 20, 1000 + oid) if oid - 20 <= 20 else []
-            events += shop_history.register(oid) + shop_history.place(oid, oid)
-            event_topics.publish(events, watermark=shop_history.lsn + 0x1000)
-            oid += 1
-            time.sleep(0.05)
 
-    threads = [threading.Thread(target=reader), threading.Thread(target=writer)]
-    for t in threads:
-        t.start()
+def caught_up(stack: Stack) -> None:
+    with psycopg.connect(stack.dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    wait_watermark(stack.worker, parse_lsn(row[0]), CATCH_UP_S)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("source", ["topics", "snapshot"])
+def test_a_rebuild_under_live_load_ends_with_the_verifier_finding_no_difference(
+    stack: Stack, source: str
+) -> None:
+    with psycopg.connect(stack.dsn) as conn:
+        customers = [r[0] for r in conn.execute("SELECT id FROM customers ORDER BY id LIMIT 40")]
+        orders = [r[0] for r in conn.execute("SELECT id FROM orders ORDER BY id DESC LIMIT 40")]
+    caught_up(stack)  # every id read below is in the views before the rebuild starts
+    client = redis.Redis.from_url(REDIS_URL)
+    before = generation(client, stack.namespace)
+
+    # an open schedule of 25 commands/s (about 80 row changes/s), until stopped
+    load = subprocess.Popen(
+        [sys.executable, "-m", "writer", "load", "--rate", "25", "--duration", "0", "--concurrency", "2",
+         "--seed", {"topics": "21", "snapshot": "22"}[source], "--json", "--dsn", stack.dsn],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    reader = Reader(stack.worker, customers, orders)
+    reader.start()
     try:
-        result = subprocess.run([sys.executable, "-m", "projections", "rebuild", "all", "--source", "topics"],
-                                cwd=ROOT, env=worker.env, capture_output=True, text=True, timeout=300)  # fmt: skip
-        time.sleep(1)
+        time.sleep(2.0)  # the load flows through the live pipeline before the rebuild starts
+        result = rebuild(stack.worker, "all", "--source", source)
+        time.sleep(1.0)  # reads after the switch too
     finally:
-        stop.set()
-        for t in threads:
-            t.join()
+        reader.stop.set()
+        reader.join(60)
+        load.send_signal(signal.SIGINT)  # finishes the commands in flight, prints the summary
+        out, err = load.communicate(timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "redis: switched to the new generation" in result.stdout
     assert "clickhouse: switched to the new generation" in result.stdout
-    assert not failures, failures[:5]
-    assert not regressions, regressions[:5]
+    assert "0 skipped" in result.stdout, result.stdout
+    assert reader.reads > 20, f"only {reader.reads} reads during the rebuild"
+    assert not reader.failures, reader.failures[:5]
+    assert not reader.regressions, reader.regressions[:5]
+    summary = orjson.loads(out)
+    assert summary["ok"] > 20 and not summary["failures"], (summary, err[-2000:])
 
-    final = shop_history.lsn + 0x1000
-    event_topics.publish([], watermark=final)
-    wait_watermark(worker, final)
-    client = redis.Redis.from_url("redis://127.0.0.1:56379/0")
-    generation = client.get(f"{namespace}@generation")
-    assert generation is not None and generation.decode().startswith(f"{namespace}.g")
-    assert not list(client.scan_iter(match=f"{namespace}:*", count=1000)), "the old generation was not dropped"
+    _, state, _ = stack.worker.get("/admin/rebuild")
+    assert state["status"] == "done" and state["skipped"] == 0 and state["source"] == source, state
+    after = generation(client, stack.namespace)
+    assert after != before and after.startswith(f"{stack.namespace}.g"), (before, after)
+    assert not list(client.scan_iter(match=f"{before}:*", count=1000)), (
+        "the old generation was not dropped"
+    )
 
-    # the rebuilt projections equal projections built fresh from the same topics
-    fresh = worker_factory(
-        event_topics.prefix, f"test:{uuid.uuid4().hex[:8]}",
-        CLICKHOUSE_URL=f"chdb://{tmp_path / 'chdb-fresh'}", PROJECTIONS_DATA_DIR=str(tmp_path / "data-fresh"),
-        PROJECTIONS_APP_ID=f"{event_topics.prefix}-fresh",
-    )  # fmt: skip
-    fresh.start()
-    wait_watermark(fresh, final)
-    n = max(shop_history.orders)
-    assert views(worker, range(1, n + 1), range(1, n + 1)) == views(fresh, range(1, n + 1), range(1, n + 1))
-    for key in client.scan_iter(match=f"{generation.decode()}:*", count=1000):
-        client.unlink(key)
-    client.delete(f"{namespace}@generation")
+    # the load has stopped: once the projections reach Postgres' LSN, they must equal it
+    stack.verify(timeout_s=CATCH_UP_S)
+
+
+def test_records_the_rebuild_cannot_read_are_counted(
+    event_topics: Any, shop_history: Any, worker_factory: Any
+) -> None:
+    from dataclasses import replace
+
+    from cdc.events import encode_event
+
+    namespace = f"test:{uuid.uuid4().hex[:8]}"
+    worker = worker_factory(event_topics.prefix, namespace)
+    worker.start()
+    events = []
+    for cid in range(1, 6):
+        events += shop_history.register(cid) + shop_history.place(cid, cid)
+    (placed,) = shop_history.place(99, 1)
+    event_topics.publish(events, flush=False)
+    order_topic = f"{event_topics.prefix}.order.events"
+    event_topics.produce_raw(order_topic, b"1", b"\x00not json")
+    event_topics.produce_raw(order_topic, b"99", encode_event(replace(placed, event_version=42))[1])
+    event_topics.publish([], watermark=shop_history.lsn + 0x1000)
+    wait_watermark(worker, shop_history.lsn + 0x1000)
+
+    result = rebuild(worker, "all", "--source", "topics")
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "2 skipped: decode 1, upcast 1)" in result.stdout, result.stdout
+        assert (
+            "2 records could not be read and were skipped (decode: 1, upcast: 1)" in result.stdout
+        )
+        _, state, _ = worker.get("/admin/rebuild")
+        assert state["skipped"] == 2 and state["skipped_by_stage"] == {"decode": 1, "upcast": 1}, (
+            state
+        )
+        # the readable records made it into the new generation
+        assert generation(client, namespace) != namespace
+        assert all(worker.get(f"/users/{cid}")[0] == 200 for cid in range(1, 6))
+        assert worker.get("/orders/5")[1]["status"] == "pending"
+    finally:
+        delete_keys(client, f"{namespace}[:.@]*")
