@@ -89,8 +89,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
         admin = AdminClient({"bootstrap.servers": KAFKA_BOOTSTRAP})
         doomed = [n for n in admin.list_topics(timeout=10).topics if n.startswith(s.prefix + ".")]
-        if doomed:
-            admin.delete_topics(doomed)
+        # wait for the answers: a request still queued when the client goes away is never sent
+        for future in (
+            admin.delete_topics(doomed, operation_timeout=30) if doomed else {}
+        ).values():
+            try:
+                future.result(60)
+            except Exception:  # best effort
+                pass
+        app_id = s.worker.env["PROJECTIONS_APP_ID"]
+        groups = [g.group_id for g in admin.list_consumer_groups().result(30).valid
+                  if g.group_id.startswith(app_id + ".")]  # fmt: skip
+        for future in (
+            admin.delete_consumer_groups(groups, request_timeout=30) if groups else {}
+        ).values():
+            try:
+                future.result(60)
+            except Exception:  # best effort
+                pass
 
 
 class Reader(threading.Thread):
