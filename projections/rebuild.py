@@ -113,7 +113,9 @@ class Rebuilder:
             raise ValueError(f"unknown projection(s) {unknown}; use redis, clickhouse or all")
         if source not in ("topics", "snapshot"):
             raise ValueError(f"source {source!r}: use topics or snapshot")
-        self.state = RebuildState(time.strftime("%Y%m%dT%H%M%S", time.gmtime()), projections, source)
+        self.state = RebuildState(
+            time.strftime("%Y%m%dT%H%M%S", time.gmtime()), projections, source
+        )
         self._task = asyncio.get_running_loop().create_task(self._run(self.state))
         return self.state
 
@@ -186,12 +188,18 @@ class Rebuilder:
 
         from cdc.signals import send_snapshot_signal
 
-        with psycopg.connect(self.runtime.settings.pg_dsn, autocommit=True, connect_timeout=10) as conn:
+        with psycopg.connect(
+            self.runtime.settings.pg_dsn, autocommit=True, connect_timeout=10
+        ) as conn:
             self._snapshot_request = send_snapshot_signal(conn, None, [])
         self._snapshot_finished = False
 
     def _read(
-        self, consumer: Consumer, positions: dict[PositionKey, Position], upcasters: Any, state: RebuildState
+        self,
+        consumer: Consumer,
+        positions: dict[PositionKey, Position],
+        upcasters: Any,
+        state: RebuildState,
     ) -> tuple[list[DomainEvent], dict[PositionKey, Position], int]:
         """One batch from the topics: its events (upcast) and the positions it reaches.
         Records that cannot be read are skipped (the live pipeline dead-lettered
@@ -225,22 +233,33 @@ class Rebuilder:
             positions[key] = touched[key] = Position(offset + 1, watermark)
         return events, touched, len(msgs)
 
-    async def _feed(self, state: RebuildState, targets: dict[str, Any], start: dict[PositionKey, tuple[int, int]]) -> None:
+    async def _feed(
+        self,
+        state: RebuildState,
+        targets: dict[str, Any],
+        start: dict[PositionKey, tuple[int, int]],
+    ) -> None:
         consumer = self._consumer()
         consumer.assign([TopicPartition(t, p, off) for (t, p), (off, _) in start.items()])
-        positions: dict[PositionKey, Position] = {k: Position(off, 0) for k, (off, _) in start.items()}
+        positions: dict[PositionKey, Position] = {
+            k: Position(off, 0) for k, (off, _) in start.items()
+        }
         state.total = sum(hi - lo for lo, hi in start.values())
         upcasters = self.runtime.pipelines[state.projections[0]].projector.upcasters
         pending = dict(targets)
         try:
             while pending:
-                events, touched, n = await asyncio.to_thread(self._read, consumer, positions, upcasters, state)
+                events, touched, n = await asyncio.to_thread(
+                    self._read, consumer, positions, upcasters, state
+                )
                 state.done += n
                 if n:
                     for target in pending.values():
                         await target.apply(events, touched)
                 for name in list(pending):
-                    if await self._maybe_switch(state, name, pending, positions, consumer, upcasters):
+                    if await self._maybe_switch(
+                        state, name, pending, positions, consumer, upcasters
+                    ):
                         del pending[name]
         finally:
             consumer.close()
@@ -259,8 +278,13 @@ class Rebuilder:
         )
 
     async def _maybe_switch(
-        self, state: RebuildState, name: str, pending: dict[str, Any], positions: dict[PositionKey, Position],
-        consumer: Consumer, upcasters: Any,
+        self,
+        state: RebuildState,
+        name: str,
+        pending: dict[str, Any],
+        positions: dict[PositionKey, Position],
+        consumer: Consumer,
+        upcasters: Any,
     ) -> bool:
         """Switch `name` once it is close enough to the live one. `pending` holds every
         generation still being built: they share one consumer and its positions, so
@@ -275,7 +299,9 @@ class Rebuilder:
         async with pipeline.batch_lock:
             # the live generation is frozen now: reach (or pass) its exact positions
             while self._behind(name, positions):
-                events, touched, n = await asyncio.to_thread(self._read, consumer, positions, upcasters, state)
+                events, touched, n = await asyncio.to_thread(
+                    self._read, consumer, positions, upcasters, state
+                )
                 if n:
                     for building in pending.values():
                         await building.apply(events, touched)
@@ -312,13 +338,17 @@ class Rebuilder:
     def _query_snapshot_status(self) -> str | None:
         import psycopg
 
-        with psycopg.connect(self.runtime.settings.pg_dsn, autocommit=True, connect_timeout=10) as conn:
+        with psycopg.connect(
+            self.runtime.settings.pg_dsn, autocommit=True, connect_timeout=10
+        ) as conn:
             row = conn.execute(
                 "select status from readside_cdc.incremental_snapshots where request_id = %s",
                 (self._snapshot_request,),
             ).fetchone()
         if row is not None and row[0] == "failed":
-            raise RuntimeError(f"the capture's snapshot {self._snapshot_request} failed; see python -m cdc snapshot --status")
+            raise RuntimeError(
+                f"the capture's snapshot {self._snapshot_request} failed; see python -m cdc snapshot --status"
+            )
         return str(row[0]) if row else None
 
 
@@ -329,7 +359,9 @@ class _RedisTarget:
         self.label = f"Redis namespace {namespace}"
         self.old: str | None = None
 
-    async def apply(self, events: list[DomainEvent], positions: dict[PositionKey, Position]) -> None:
+    async def apply(
+        self, events: list[DomainEvent], positions: dict[PositionKey, Position]
+    ) -> None:
         await self.views.apply(events, positions)
 
     async def switch(self, runtime: Any) -> None:
@@ -360,9 +392,13 @@ class _ClickHouseTarget:
         self.live = live
         self.label = f"ClickHouse tables built in {database}, exchanged into {live}"
 
-    async def apply(self, events: list[DomainEvent], positions: dict[PositionKey, Position]) -> None:
+    async def apply(
+        self, events: list[DomainEvent], positions: dict[PositionKey, Position]
+    ) -> None:
         # on the live sink's writer thread: one thread writes to chdb at a time
-        await asyncio.get_running_loop().run_in_executor(self.adapter._writer, self.sink.apply, events, positions)
+        await asyncio.get_running_loop().run_in_executor(
+            self.adapter._writer, self.sink.apply, events, positions
+        )
 
     async def switch(self, runtime: Any) -> None:
         backend = runtime.clickhouse.backend
@@ -378,4 +414,6 @@ class _ClickHouseTarget:
         await asyncio.to_thread(exchange)
 
     async def drop_old(self, runtime: Any) -> None:
-        await asyncio.to_thread(runtime.clickhouse.backend.command, f"DROP DATABASE IF EXISTS {self.database}")
+        await asyncio.to_thread(
+            runtime.clickhouse.backend.command, f"DROP DATABASE IF EXISTS {self.database}"
+        )
