@@ -81,8 +81,16 @@ class Sink(Protocol):
 
     name: str
 
+    def prepare(self, events: list[DomainEvent]) -> Any:
+        """Work on a batch that needs no store (a digest), done while the previous batch
+        is being applied; its result goes to apply(). None: nothing to do ahead."""
+        ...
+
     async def apply(
-        self, events: list[DomainEvent], positions: dict[PositionKey, Position]
+        self,
+        events: list[DomainEvent],
+        positions: dict[PositionKey, Position],
+        prepared: Any = None,
     ) -> None: ...
 
     async def positions(self) -> dict[PositionKey, Position]: ...
@@ -113,10 +121,16 @@ class RedisAdapter:
         if namespace != self.namespace:
             self.use(namespace)
 
+    def prepare(self, events: list[DomainEvent]) -> Any:
+        return self.views.prepare(events)
+
     async def apply(
-        self, events: list[DomainEvent], positions: dict[PositionKey, Position]
+        self,
+        events: list[DomainEvent],
+        positions: dict[PositionKey, Position],
+        prepared: Any = None,
     ) -> None:
-        await self.views.apply(events, positions)
+        await self.views.apply(events, positions, prepared)
 
     async def positions(self) -> dict[PositionKey, Position]:
         return await self.views.positions()
@@ -140,8 +154,14 @@ class ClickHouseAdapter:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="clickhouse-apply")
         self._readers = ThreadPoolExecutor(2, thread_name_prefix="clickhouse-query")
 
+    def prepare(self, events: list[DomainEvent]) -> Any:
+        return None  # the digest runs in the apply thread, off the event loop
+
     async def apply(
-        self, events: list[DomainEvent], positions: dict[PositionKey, Position]
+        self,
+        events: list[DomainEvent],
+        positions: dict[PositionKey, Position],
+        prepared: Any = None,
     ) -> None:
         await asyncio.get_running_loop().run_in_executor(
             self._writer, self.sink.apply, events, positions
@@ -347,6 +367,21 @@ class SharedDecodes:
         return self.readers > 1
 
 
+@dataclass(slots=True)
+class Batch:
+    """Records read and decoded, not applied yet (Projector.prepare -> Projector.commit)."""
+
+    records: int
+    events: list[DomainEvent]
+    origins: list[Record]
+    letters: list[DeadLetter]
+    offsets: dict[PositionKey, int]  # the next offset per partition
+    marks: dict[PositionKey, tuple[int, int]]  # the newest Watermark per partition: (lsn, ts_ms)
+    upcasts: int
+    prepared: Any = None
+    epoch: int = 0
+
+
 _INFRA_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -408,11 +443,20 @@ class Projector:
 
     async def process(self, records: Sequence[Record]) -> dict[PositionKey, int]:
         """Apply one batch; returns the next offset per partition (what may be committed)."""
+        return await self.commit(await self.prepare(records))
+
+    async def prepare(self, records: Sequence[Record]) -> Batch:
+        """Decode and upcast a batch, and the sink's work that needs no store.
+
+        Changes nothing of the projector's state, so the pipeline runs it for
+        the next batch while the current one is applied, and drops it when a
+        seek (a rebalance, a rebuild, a restore) makes it stale.
+        """
         events: list[DomainEvent] = []
         origins: list[Record] = []
         letters: list[DeadLetter] = []
         offsets: dict[PositionKey, int] = {}
-        running = self._running
+        marks: dict[PositionKey, tuple[int, int]] = {}
         upcasts = 0
         shared = self.shared
         name = self.name
@@ -432,21 +476,37 @@ class Projector:
                 origins.append(rec)
                 upcasts += decoded[1] is not None
             elif obj.__class__ is Watermark:
-                if obj.lsn > running.get(key, (0, 0))[0]:
-                    running[key] = (obj.lsn, obj.ts_ms)
+                if obj.lsn > marks.get(key, (0, 0))[0]:
+                    marks[key] = (obj.lsn, obj.ts_ms)
             else:
                 letters.append(self._letter(rec, obj, decoded[1], 1))
-        if upcasts:
-            self.metrics.upcasts.labels(self.name).inc(upcasts)
+        prepared = None
+        if events:
+            try:
+                prepared = self.sink.prepare(events)
+            except Exception:
+                prepared = None  # apply() digests again, and isolates what fails
+        return Batch(len(records), events, origins, letters, offsets, marks, upcasts, prepared)
+
+    async def commit(self, batch: Batch) -> dict[PositionKey, int]:
+        """Apply a prepared batch with its positions; returns the next offset per partition."""
+        running = self._running
+        for key, mark in batch.marks.items():
+            if mark[0] > running.get(key, (0, 0))[0]:
+                running[key] = mark
+        offsets = batch.offsets
+        events = batch.events
+        if batch.upcasts:
+            self.metrics.upcasts.labels(self.name).inc(batch.upcasts)
         positions = {k: Position(off, running.get(k, (0, 0))[0]) for k, off in offsets.items()}
         started = time.perf_counter()
-        if letters:
+        if batch.letters:
             # before the positions that move past them are stored: a crash re-sends, never loses
-            await self._send_letters(letters)
-        await self._apply(events, origins, positions)
+            await self._send_letters(batch.letters)
+        await self._apply(events, batch.origins, positions, batch.prepared)
         self._apply_seconds.observe(time.perf_counter() - started)
-        self._batch_size.observe(len(records))
-        self._records.inc(len(records))
+        self._batch_size.observe(batch.records)
+        self._records.inc(batch.records)
         self._events.inc(len(events))
         progress = self.progress
         progress.events += len(events)
@@ -511,11 +571,12 @@ class Projector:
         events: list[DomainEvent],
         origins: list[Record],
         positions: dict[PositionKey, Position],
+        prepared: Any = None,
     ) -> None:
         attempt = 0
         while True:
             try:
-                await self.sink.apply(events, positions)
+                await self.sink.apply(events, positions, prepared)
                 return
             except asyncio.CancelledError:
                 raise
@@ -612,6 +673,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # wait for the batch in flight: its positions and offsets go out first
         async with self.pipeline.batch_lock:
+            self.pipeline.epoch += 1
             shared = self.pipeline.projector.shared
             if shared:
                 shared.assign(self.pipeline.projector.name, ())
@@ -645,6 +707,10 @@ class Pipeline(Service):
         self.consumer: AIOKafkaConsumer | None = None
         self.ready = asyncio.Event()
         self._committing: asyncio.Future[None] | None = None
+        # the next batch, read and prepared while the current one is applied
+        self._ahead: asyncio.Future[Batch | None] | None = None
+        # bumped on every seek and revocation: a batch read before it is stale
+        self.epoch = 0
         super().__init__(**kwargs)
 
     @property
@@ -674,6 +740,8 @@ class Pipeline(Service):
         consumer.subscribe(list(self.topics), listener=_Rebalance(self))
 
     async def on_stop(self) -> None:
+        if self._ahead is not None:
+            self._ahead.cancel()
         if self.consumer is not None:
             async with self.batch_lock:
                 if self._committing is not None:
@@ -703,6 +771,7 @@ class Pipeline(Service):
         """Resume every assigned partition where the sink's positions say (the truth), not where Kafka says."""
         consumer = self.consumer
         assert consumer is not None
+        self.epoch += 1
         keys = [(tp.topic, tp.partition) for tp in assigned]
         if self.projector.shared:
             self.projector.shared.assign(self.projector.name, keys)
@@ -754,6 +823,29 @@ class Pipeline(Service):
                 return records
         return records
 
+    async def _next_batch(self) -> Batch | None:
+        """Read and prepare the next batch; None if there is none, or it went stale meanwhile."""
+        shared = self.projector.shared
+        if shared:
+            await shared.pace(self.projector.name)
+        epoch = self.epoch
+        try:
+            records = await self.take()
+        except KafkaError as exc:
+            log.error("%s: Kafka fetch failed (%s); retrying", self.projector.name, exc)
+            await asyncio.sleep(1.0)
+            return None
+        consumer = self.consumer
+        if not records or consumer is None:
+            return None
+        mine = consumer.assignment()
+        records = [r for r in records if TopicPartition(r.topic, r.partition) in mine]
+        if not records:
+            return None
+        batch = await self.projector.prepare(records)
+        batch.epoch = epoch
+        return batch
+
     @Service.task
     async def _run(self) -> None:
         # start once the first assignment has sought to the store's positions
@@ -762,23 +854,22 @@ class Pipeline(Service):
             if self.consumer is None:
                 await self.sleep(0.1)
                 continue
-            shared = self.projector.shared
-            if shared:
-                await self.wait_for_stopped(shared.pace(self.projector.name))
-            try:
-                records = await self.take()
-            except KafkaError as exc:
-                log.error("%s: Kafka fetch failed (%s); retrying", self.projector.name, exc)
-                await self.sleep(1.0)
-                continue
-            if not records:
+            ahead, self._ahead = self._ahead, None
+            batch = await (ahead if ahead is not None else self._next_batch())
+            if batch is None:
                 continue
             async with self.batch_lock:
-                mine = self.consumer.assignment() if self.consumer is not None else set()
-                records = [r for r in records if TopicPartition(r.topic, r.partition) in mine]
-                if not records:
+                if self.consumer is None:
                     continue
-                offsets = await self.projector.process(records)
+                if batch.epoch != self.epoch:
+                    # A seek while it was read: whether its records came from before or
+                    # after it, the store's positions say where to go on from.
+                    await self.seek_to_stored(self.consumer.assignment())
+                    continue
+                # The next batch is read, decoded and digested while this one is
+                # applied (the store works meanwhile, and Python is free).
+                self._ahead = asyncio.ensure_future(self._next_batch())
+                offsets = await self.projector.commit(batch)
                 # The commit overlaps the next batch (one in flight, in order): the store's
                 # positions are already written, so it only reports progress to Kafka.
                 if self._committing is not None:

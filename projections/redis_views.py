@@ -237,16 +237,28 @@ class RedisViews:
         self._read_user = client.register_script((_LUA / "read_user.lua").read_text())
         self._read_order = client.register_script((_LUA / "read_order.lua").read_text())
 
-    async def apply(
-        self, events: list[DomainEvent], positions: dict[PositionKey, Position]
-    ) -> None:
-        """Apply a batch and store its positions: one EVALSHA, atomic in Redis."""
-        fields: list[str] = [str(len(positions))]
-        for (topic, partition), pos in positions.items():
-            fields += (f"{topic}:{partition}", f"{pos.offset:020d}", f"{pos.watermark:020d}")
+    def prepare(self, events: list[DomainEvent]) -> str:
+        """The batch's ops in apply.lua's layout (the digest: Python work only)."""
+        fields: list[str] = []
         digest(events, fields)
-        fields.append("")
-        applied, skipped = await self._apply(args=[self.namespace, _SEP.join(fields)])
+        return _SEP.join(fields) + _SEP if fields else ""
+
+    async def apply(
+        self,
+        events: list[DomainEvent],
+        positions: dict[PositionKey, Position],
+        prepared: str | None = None,
+    ) -> None:
+        """Apply a batch and store its positions: one EVALSHA, atomic in Redis.
+
+        `prepared`: prepare(events), when it was done ahead (the pipeline digests
+        the next batch while Redis applies this one)."""
+        head: list[str] = [str(len(positions))]
+        for (topic, partition), pos in positions.items():
+            head += (f"{topic}:{partition}", f"{pos.offset:020d}", f"{pos.watermark:020d}")
+        ops = self.prepare(events) if prepared is None else prepared
+        payload = _SEP.join(head) + _SEP + ops
+        applied, skipped = await self._apply(args=[self.namespace, payload])
         self.events_applied += len(events)
         self.ops_applied += int(applied)
         self.ops_skipped += int(skipped)

@@ -136,9 +136,9 @@ async def test_a_valid_batch_goes_through_in_one_apply(
     calls = []
     apply = sink.apply
 
-    async def counting(events, positions):  # type: ignore[no-untyped-def]
+    async def counting(events, positions, prepared=None):  # type: ignore[no-untyped-def]
         calls.append(len(events))
-        await apply(events, positions)
+        await apply(events, positions, prepared)
 
     sink.apply = counting  # type: ignore[method-assign]
     projector = Projector(sink, dlq, ProjectionMetrics())
