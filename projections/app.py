@@ -270,35 +270,29 @@ class SharedDecodes:
     it and leaves it here for the other, which takes it instead of decoding it again.
 
     Per partition, the entries lie between the follower's position and the
-    leader's, in offset order. A leader more than `limit` records ahead waits
-    (pace()) for the follower, so every record is decoded once; unless the
-    follower has not taken anything for `stall_s` (its store is down, or it is
-    paused for a rebuild): then the leader goes on alone, stops leaving
-    records, and the follower decodes its own when it comes back. Events are
-    never modified after decoding (the sinks only read them), so sharing is safe.
+    leader's, in offset order. At most `limit` wait for a reader: a pipeline
+    further behind than that decodes its own (the pipelines never wait for
+    each other; measured, making the leader wait cost more than it saved).
+    Events are never modified after decoding (the sinks only read them), so
+    sharing is safe.
     """
 
-    def __init__(self, readers: int, limit: int = 20_000, stall_s: float = 2.0) -> None:
+    def __init__(self, readers: int, limit: int = 40_000) -> None:
         self.readers = readers
         self.limit = limit
-        self.stall_s = stall_s
         # per partition: the reader the entries are left for, and the entries by offset
         self._items: dict[PositionKey, tuple[str, dict[int, Decoded]]] = {}
         self._waiting: dict[str, int] = {}  # per reader: entries left for it
-        # per reader: the partitions it owns, its next offset on each, its last take
+        # per reader: the partitions it owns and its next offset on each
         self._owned: dict[str, set[PositionKey]] = {}
         self._next: dict[str, dict[PositionKey, int]] = {}
-        self._active: dict[str, float] = {}
-        self._drained = asyncio.Event()
 
     def assign(self, reader: str, keys: Iterable[PositionKey]) -> None:
         """The partitions `reader` consumes now (on every assignment): the cache starts over."""
         self._items.clear()
         self._waiting.clear()
-        self._drained.set()
         self._owned[reader] = set(keys)
         self._next[reader] = {}
-        self._active[reader] = time.monotonic()
 
     def take(self, reader: str, key: PositionKey, offset: int) -> Decoded | None:
         """The record's decoding if another reader left it; what lies before it goes (skipped)."""
@@ -310,7 +304,6 @@ class SharedDecodes:
         first = next(iter(items))
         if first > offset:
             return None
-        self._active[reader] = time.monotonic()
         dropped = 1
         while first < offset:
             del items[first]
@@ -327,9 +320,7 @@ class SharedDecodes:
         return decoded
 
     def _taken(self, reader: str, n: int) -> None:
-        left = self._waiting[reader] = max(0, self._waiting.get(reader, 0) - n)
-        if left < self.limit // 2:
-            self._drained.set()
+        self._waiting[reader] = max(0, self._waiting.get(reader, 0) - n)
 
     def put(self, reader: str, key: PositionKey, offset: int, decoded: Decoded) -> None:
         """Leave a decoding for the other reader, if it owns the partition and has not passed it."""
@@ -337,8 +328,8 @@ class SharedDecodes:
             if other == reader or key not in owned or self._next[other].get(key, 0) > offset:
                 continue
             waiting = self._waiting.get(other, 0)
-            if waiting >= 2 * self.limit:
-                return  # it stalled (see pace()): it decodes its own
+            if waiting >= self.limit:
+                return  # too far behind: it decodes its own
             entry = self._items.get(key)
             if entry is None or entry[0] != other:
                 if entry is not None:  # left for `reader`, which has now passed them
@@ -347,21 +338,6 @@ class SharedDecodes:
             entry[1][offset] = decoded
             self._waiting[other] = waiting + 1
             return
-
-    async def pace(self, reader: str) -> None:
-        """Wait while `reader` leads by `limit` records and the others keep taking them."""
-        while True:
-            behind = [r for r, n in self._waiting.items() if r != reader and n >= self.limit]
-            if not behind:
-                return
-            now = time.monotonic()
-            if all(now - self._active.get(r, 0.0) > self.stall_s for r in behind):
-                return
-            self._drained.clear()
-            try:
-                await asyncio.wait_for(self._drained.wait(), self.stall_s)
-            except TimeoutError:
-                pass
 
     def __bool__(self) -> bool:
         return self.readers > 1
@@ -825,9 +801,6 @@ class Pipeline(Service):
 
     async def _next_batch(self) -> Batch | None:
         """Read and prepare the next batch; None if there is none, or it went stale meanwhile."""
-        shared = self.projector.shared
-        if shared:
-            await shared.pace(self.projector.name)
         epoch = self.epoch
         try:
             records = await self.take()
