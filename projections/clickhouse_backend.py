@@ -233,6 +233,9 @@ def _rows_from_json(payload: bytes) -> QueryResult:
     return QueryResult(columns, rows)
 
 
+_CHUNK_ROWS: Final = 1000
+
+
 def encode_rows(rows: Sequence[Sequence[Any]]) -> bytes:
     """JSONCompactEachRow: the rows as JSON arrays, separated by commas.
 
@@ -332,15 +335,20 @@ class ChdbBackend:
     ) -> None:
         if not rows:
             return
-        data = encode_rows(rows)
         statement = f"INSERT INTO {table} ({', '.join(column_names)})"
         if settings:
             statement += f" SETTINGS {render_settings(settings)}"
+        rows = rows if isinstance(rows, list) else list(rows)
         with self._lock:
             try:
                 inserter = self._conn.send_insert(statement, "JSONCompactEachRow")
                 with inserter:
-                    inserter.append(data)
+                    # in chunks: orjson holds the GIL for a whole call, and a block of
+                    # 20k events is ~30 MB (tens of ms the event loop, with the Redis
+                    # pipeline and the API, would wait)
+                    for i in range(0, len(rows), _CHUNK_ROWS):
+                        chunk = encode_rows(rows[i : i + _CHUNK_ROWS])
+                        inserter.append(b"," + chunk if i else chunk)
                     inserter.finish()
             except (self._error, RuntimeError) as exc:
                 raise BackendError(
