@@ -91,6 +91,10 @@ class Backend(Protocol):
         settings: Settings | None = None,
     ) -> None: ...
 
+    def exchange_tables(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Swap each pair of (qualified) table names: one switch, as far as readers can tell."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -248,6 +252,37 @@ def encode_rows(rows: Sequence[Sequence[Any]]) -> bytes:
 # ---- embedded ---------------------------------------------------------------------
 
 
+class _SwitchLock:
+    """Many queries at once, or one table switch alone (a readers-writer lock)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+
+    def acquire_shared(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing)
+            self._readers += 1
+
+    def release_shared(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    def acquire_exclusive(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing)
+            self._writing = True  # new readers wait from here on
+            self._cond.wait_for(lambda: not self._readers)
+
+    def release_exclusive(self) -> None:
+        with self._cond:
+            self._writing = False
+            self._cond.notify_all()
+
+
 class ChdbBackend:
     """The ClickHouse engine in this process (chdb), on one data directory.
 
@@ -270,6 +305,9 @@ class ChdbBackend:
         self._conn = self._connect(_SESSION_SETTINGS)
         self._read_lock = threading.Lock()
         self._read_conn = self._connect(_SESSION_SETTINGS)
+        # ClickHouse swaps several table pairs one after the other: queries wait
+        # for the whole switch (exchange_tables), so none sees half of it
+        self._switch = _SwitchLock()
         # chdb may crash in its own shutdown when the interpreter exits with a
         # connection still open: close it first.
         atexit.register(self.close)
@@ -312,6 +350,28 @@ class ChdbBackend:
         params: Params | None = None,
         settings: Settings | None = None,
         database: str | None = None,
+    ) -> QueryResult:
+        self._switch.acquire_shared()
+        try:
+            return self._query(sql, params, settings, database)
+        finally:
+            self._switch.release_shared()
+
+    def exchange_tables(self, pairs: Sequence[tuple[str, str]]) -> None:
+        if not pairs:
+            return
+        self._switch.acquire_exclusive()
+        try:
+            self.command("EXCHANGE TABLES " + ", ".join(f"{a} AND {b}" for a, b in pairs))
+        finally:
+            self._switch.release_exclusive()
+
+    def _query(
+        self,
+        sql: str,
+        params: Params | None,
+        settings: Settings | None,
+        database: str | None,
     ) -> QueryResult:
         if not settings and database is None:
             with self._read_lock:
@@ -413,6 +473,12 @@ class ServerBackend:
             self._client.command(sql, parameters=dict(params) if params else None)
         except Exception as exc:
             raise BackendError(self._scrub(exc)) from None
+
+    def exchange_tables(self, pairs: Sequence[tuple[str, str]]) -> None:
+        # one statement; the server swaps the pairs one after the other (each atomic),
+        # so a query of another client may see some swapped, not all (docs/projections.md)
+        if pairs:
+            self.command("EXCHANGE TABLES " + ", ".join(f"{a} AND {b}" for a, b in pairs))
 
     def query(
         self,

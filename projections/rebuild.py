@@ -408,8 +408,9 @@ class _ClickHouseTarget:
                 "SELECT name FROM system.tables WHERE database = {db:String} AND engine LIKE '%MergeTree%'",
                 {"db": self.database},
             ).rows
-            for (table,) in rows:
-                backend.command(f"EXCHANGE TABLES {self.live}.{table} AND {self.database}.{table}")
+            backend.exchange_tables(
+                [(f"{self.live}.{table}", f"{self.database}.{table}") for (table,) in rows]
+            )
 
         await asyncio.to_thread(exchange)
 

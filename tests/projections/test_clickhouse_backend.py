@@ -165,3 +165,48 @@ def test_server_backend_runs_the_same_projection() -> None:
     finally:
         backend.command(f"DROP DATABASE IF EXISTS {database}")
         backend.close()
+
+
+# ---- the table switch of a rebuild ----------------------------------------------------
+
+
+def test_exchange_tables_swaps_every_pair_and_queries_never_see_half_of_it(
+    chdb_backend: Backend, clickhouse_database: str
+) -> None:
+    import threading
+    import time
+
+    db = clickhouse_database
+    chdb_backend.command(f"CREATE DATABASE {db}")
+    chdb_backend.command(f"CREATE DATABASE {db}_new")
+    for name in ("a", "b", "c"):
+        for side, value in ((db, 1), (f"{db}_new", 2)):
+            chdb_backend.command(f"CREATE TABLE {side}.{name} (v UInt8) ENGINE = MergeTree ORDER BY v")
+            chdb_backend.command(f"INSERT INTO {side}.{name} VALUES ({value})")
+    seen: set[tuple[int, ...]] = set()
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            rows = chdb_backend.query(
+                f"SELECT (SELECT max(v) FROM {db}.a), (SELECT max(v) FROM {db}.b), (SELECT max(v) FROM {db}.c)"
+            ).rows
+            seen.add(tuple(rows[0]))
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for t in readers:
+        t.start()
+    try:
+        # ClickHouse swaps the pairs of one EXCHANGE one after the other: without the
+        # backend's switch lock the readers see mixes such as (2, 1, 1)
+        for _ in range(10):
+            chdb_backend.exchange_tables([(f"{db}.{n}", f"{db}_new.{n}") for n in ("a", "b", "c")])
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join(10)
+        chdb_backend.command(f"DROP DATABASE IF EXISTS {db}_new SYNC")
+    assert chdb_backend.query(f"SELECT max(v) FROM {db}.a").rows == [(1,)]  # ten swaps: back
+    assert seen <= {(1, 1, 1), (2, 2, 2)}, seen
+    assert len(seen) == 2
