@@ -7,7 +7,8 @@ never delays the Redis views. A batch is
     take(n, within)  ->  decode  ->  upcast  ->  apply to the sink (positions
     stored in the same write)  ->  commit the offsets to Kafka
 
-and the sink's stored positions, not Kafka's committed offsets, say where a
+with the take, decode and digest of the next batch running while the current
+one is applied. The sink's stored positions, not Kafka's committed offsets, say where a
 pipeline resumes: on every partition assignment it seeks to them. A crash
 anywhere (kill -9 included) therefore redelivers whatever the sink had not
 stored, and the version guards make the redelivery harmless.
