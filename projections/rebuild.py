@@ -104,6 +104,7 @@ class Rebuilder:
         # is done (every read it published is before them); the new generation reads
         # at least this far before it is switched in
         self._snapshot_end: dict[PositionKey, int] = {}
+        self._snapshot_estimate = 0
 
     def start(self, projections: list[str], source: str) -> RebuildState:
         if self.state is not None and self.state.status in ("running", "switching"):
@@ -121,6 +122,7 @@ class Rebuilder:
 
     async def _run(self, state: RebuildState) -> None:
         self._snapshot_request, self._snapshot_finished, self._snapshot_end = None, False, {}
+        self._snapshot_estimate = 0
         try:
             targets = {name: await self._new_generation(name) for name in state.projections}
             start = await asyncio.to_thread(self._start_offsets, state.source)
@@ -253,6 +255,8 @@ class Rebuilder:
                     self._read, consumer, positions, upcasters, state
                 )
                 state.done += n
+                if state.total < self._snapshot_estimate:
+                    state.total = self._snapshot_estimate
                 if n:
                     for target in pending.values():
                         await target.apply(events, touched)
@@ -342,9 +346,16 @@ class Rebuilder:
             self.runtime.settings.pg_dsn, autocommit=True, connect_timeout=10
         ) as conn:
             row = conn.execute(
-                "select status from readside_cdc.incremental_snapshots where request_id = %s",
+                # reltuples is -1 until a table's first ANALYZE; n_live_tup is kept from the start
+                "select status, (select coalesce(sum(greatest(c.reltuples, st.n_live_tup, 0)), 0)::bigint"
+                " from pg_class c left join pg_stat_user_tables st on st.relid = c.oid"
+                " where c.oid in (select to_regclass(t) from unnest(s.tables) t))"
+                " from readside_cdc.incremental_snapshots s where request_id = %s",
                 (self._snapshot_request,),
             ).fetchone()
+        if row is not None:
+            # rows the capture will read (the planner's estimate): the progress bar's total
+            self._snapshot_estimate = int(row[1] or 0)
         if row is not None and row[0] == "failed":
             raise RuntimeError(
                 f"the capture's snapshot {self._snapshot_request} failed; see python -m cdc snapshot --status"
