@@ -801,7 +801,8 @@ class Pipeline(Service):
         return records
 
     async def _next_batch(self) -> Batch | None:
-        """Read and prepare the next batch; None if there is none, or it went stale meanwhile."""
+        """Read and prepare the next batch (None if there is none), tagged with the epoch it
+        was read in: _run drops it if a seek came in between."""
         epoch = self.epoch
         try:
             records = await self.take()
