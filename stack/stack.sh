@@ -211,10 +211,28 @@ redis_running() { pid_alive "$(read_pid "$REDIS_DIR/redis.pid")"; }
 
 redis_healthy() { [ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
 
+# PONG, or LOADING while it reads its append-only file back after a start
+redis_answers() {
+    local reply
+    reply=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>&1)
+    [ "$reply" = PONG ] || [[ "$reply" == LOADING* ]]
+}
+
+# Wait until Redis serves: a big append-only file takes a while to load.
+redis_wait() {
+    wait_for 20 redis redis_answers || die "Redis does not answer on port $REDIS_PORT; see $REDIS_DIR/redis.log"
+    if ! redis_healthy; then
+        say "redis is loading its append-only file ($(du -sh "$REDIS_DIR/appendonlydir" 2>/dev/null | cut -f1)); waiting"
+        wait_for 600 redis-load redis_healthy \
+            || die "Redis is still loading its data after 10 minutes; see $REDIS_DIR/redis.log"
+    fi
+}
+
 redis_up() {
     command -v redis-server >/dev/null && command -v redis-cli >/dev/null || apt_install redis-server redis-tools
     if redis_running; then
-        wait_for 10 redis redis_healthy || die "Redis (pid $(read_pid "$REDIS_DIR/redis.pid")) runs but does not answer on port $REDIS_PORT; see $REDIS_DIR/redis.log"
+        wait_for 10 redis redis_answers || die "Redis (pid $(read_pid "$REDIS_DIR/redis.pid")) runs but does not answer on port $REDIS_PORT; see $REDIS_DIR/redis.log"
+        redis_wait
         say "redis already running on 127.0.0.1:$REDIS_PORT"
         return 0
     fi
@@ -225,7 +243,7 @@ redis_up() {
         --pidfile "$REDIS_DIR/redis.pid" --logfile "$REDIS_DIR/redis.log" --dir "$REDIS_DIR" \
         --appendonly yes --appendfsync everysec --save '' --protected-mode yes >/dev/null \
         || die "redis-server did not start; see $REDIS_DIR/redis.log"
-    wait_for 20 redis redis_healthy || die "Redis does not answer on port $REDIS_PORT; see $REDIS_DIR/redis.log"
+    redis_wait
     say "redis up on 127.0.0.1:$REDIS_PORT"
 }
 
