@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,102 +20,21 @@ import pytest
 import redis
 
 from cdc.lsn import parse_lsn
-from projections.config import Settings
-from projections.verify import verify
 
-from .conftest import KAFKA_BOOTSTRAP, REDIS_URL, ShopHistory, WorkerProcess, free_port
+from .conftest import KAFKA_BOOTSTRAP, REDIS_URL, ShopHistory
+from .stack import Stack
 
 ROOT = Path(__file__).resolve().parents[2]
-ADMIN_DSN = os.environ.get("PG_DSN", "postgresql://postgres@127.0.0.1:55432/shop")
-
-
-class Stack:
-    def __init__(self, tmp: Path) -> None:
-        tag = uuid.uuid4().hex[:8]
-        self.tag = tag
-        self.db = f"projections_e2e_{tag}"
-        self.dsn = psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=self.db)
-        self.prefix = f"e2e{tag}"
-        self.namespace = f"test:e2e:{tag}"
-        self.tmp = tmp
-        self.cdc: subprocess.Popen[bytes] | None = None
-        self.worker = WorkerProcess(tmp, self.prefix, self.namespace, {"PG_DSN": self.dsn})
-        self.cdc_env = {
-            **os.environ,
-            "PG_DSN": self.dsn,
-            "CDC_SLOT": f"e2e_{tag}",
-            "CDC_PUBLICATION": f"e2e_{tag}",
-            "CDC_TOPIC_PREFIX": self.prefix,
-            "CDC_METRICS_PORT": str(free_port()),
-            "CDC_SPOOL_DIR": str(tmp / "spool"),
-        }
-
-    def settings(self) -> Settings:
-        return Settings.from_env({
-            "PG_DSN": self.dsn, "REDIS_URL": REDIS_URL, "REDIS_NAMESPACE": self.namespace,
-            "QUERY_API": f"127.0.0.1:{self.worker.port}", "TOPIC_PREFIX": self.prefix,
-            "CLICKHOUSE_URL": self.worker.env["CLICKHOUSE_URL"],
-        })  # fmt: skip
-
-    def start_cdc(self) -> None:
-        log = (self.tmp / "cdc.log").open("ab")
-        self.cdc = subprocess.Popen(
-            [sys.executable, "-m", "cdc", "run", "--log-level", "warning"],
-            cwd=ROOT, env=self.cdc_env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-    def writer(self, *args: str) -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "writer", *args, "--dsn", self.dsn],
-            cwd=ROOT, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr[-2000:]
-        return out.stdout
-
-    def verify(self, timeout_s: float = 60.0) -> None:
-        report = asyncio.run(verify(self.settings(), timeout_s))
-        problems = [d for c in report.checks for d in c.differences[:5]]
-        assert report.ok, f"verifier found differences: {problems}"
-        assert sum(c.checked for c in report.checks) > 0
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(tmp_path_factory.mktemp("e2e"))
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{s.db}"')
     try:
-        s.writer("migrate")
-        s.start_cdc()
-        s.worker.start()
+        s.open()
         yield s
     finally:
-        s.worker.stop()
-        if s.cdc is not None and s.cdc.poll() is None:
-            s.cdc.send_signal(signal.SIGTERM)
-            try:
-                s.cdc.wait(20)
-            except subprocess.TimeoutExpired:
-                s.cdc.kill()
-        subprocess.run(
-            [sys.executable, "-m", "cdc", "reset", "--yes"],
-            cwd=ROOT,
-            env=s.cdc_env,
-            capture_output=True,
-            timeout=60,
-        )
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{s.db}" WITH (FORCE)')
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{s.namespace}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        from confluent_kafka.admin import AdminClient
-
-        admin = AdminClient({"bootstrap.servers": KAFKA_BOOTSTRAP})
-        doomed = [n for n in admin.list_topics(timeout=10).topics if n.startswith(s.prefix + ".")]
-        if doomed:
-            admin.delete_topics(doomed)
+        s.close()
 
 
 def test_a_seeded_random_workload_leaves_no_difference(stack: Stack) -> None:

@@ -29,8 +29,8 @@ import pytest
 import redis
 
 from cdc.lsn import parse_lsn
-from tests.projections.conftest import KAFKA_BOOTSTRAP, REDIS_URL
-from tests.projections.test_e2e import ADMIN_DSN, Stack
+from tests.projections.conftest import REDIS_URL
+from tests.projections.stack import Stack, delete_keys
 from tests.projections.test_snapshots import wait_watermark
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,64 +49,16 @@ def generation(client: redis.Redis, namespace: str) -> str:
     return value.decode() if isinstance(value, bytes) else namespace
 
 
-def delete_keys(client: redis.Redis, pattern: str) -> None:
-    batch = list(client.scan_iter(match=pattern, count=1000))
-    for i in range(0, len(batch), 1000):
-        client.delete(*batch[i : i + 1000])
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A database, slot, publication, topic prefix, Redis namespace and chdb directory of
     this module's own, a seeded shop, cdc and a worker on it; all removed afterwards."""
     s = Stack(tmp_path_factory.mktemp("rebuild"))
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{s.db}"')
     try:
-        s.writer("migrate")
-        s.writer(
-            "seed", "--customers", "300", "--products", "60", "--orders", "1500", "--seed", "5"
-        )
-        s.start_cdc()
-        s.worker.start()
+        s.open("--customers", "300", "--products", "60", "--orders", "1500", "--seed", "5")
         yield s
     finally:
-        s.worker.stop()
-        if s.cdc is not None and s.cdc.poll() is None:
-            s.cdc.send_signal(signal.SIGTERM)
-            try:
-                s.cdc.wait(20)
-            except subprocess.TimeoutExpired:
-                s.cdc.kill()
-        subprocess.run([sys.executable, "-m", "cdc", "reset", "--yes"], cwd=ROOT, env=s.cdc_env,
-                       capture_output=True, timeout=60)  # fmt: skip
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{s.db}" WITH (FORCE)')
-        client = redis.Redis.from_url(REDIS_URL)
-        # the base namespace, every generation (<ns>.g<N>:) and the pointer (<ns>@generation)
-        delete_keys(client, f"{s.namespace}[:.@]*")
-        from confluent_kafka.admin import AdminClient
-
-        admin = AdminClient({"bootstrap.servers": KAFKA_BOOTSTRAP})
-        doomed = [n for n in admin.list_topics(timeout=10).topics if n.startswith(s.prefix + ".")]
-        # wait for the answers: a request still queued when the client goes away is never sent
-        for future in (
-            admin.delete_topics(doomed, operation_timeout=30) if doomed else {}
-        ).values():
-            try:
-                future.result(60)
-            except Exception:  # best effort
-                pass
-        app_id = s.worker.env["PROJECTIONS_APP_ID"]
-        groups = [g.group_id for g in admin.list_consumer_groups().result(30).valid
-                  if g.group_id.startswith(app_id + ".")]  # fmt: skip
-        for future in (
-            admin.delete_consumer_groups(groups, request_timeout=30) if groups else {}
-        ).values():
-            try:
-                future.result(60)
-            except Exception:  # best effort
-                pass
+        s.close()
 
 
 class Reader(threading.Thread):
