@@ -16,7 +16,7 @@ from cdc.config import DEFAULT_FULL_IDENTITY, Settings
 from cdc.lsn import parse_lsn
 from cdc.signals import SIGNAL_SCHEMA, SIGNAL_TABLE, ensure_signal_table
 
-__all__ = ["SlotError", "SlotState", "TableInfo", "drop_slot_and_publication", "ensure_publication", "published_tables", "read_slot"]
+__all__ = ["SlotError", "SlotState", "TableInfo", "drop_slot_and_publication", "ensure_publication", "published_tables", "read_slot", "table_infos"]
 
 
 class SlotError(Exception):
@@ -90,7 +90,7 @@ def check_slot_usable(state: SlotState, settings: Settings) -> None:
         )
 
 
-def _table_rows(conn: psycopg.Connection[tuple[object, ...]], schema: str, names: tuple[str, ...]) -> list[TableInfo]:
+def table_infos(conn: psycopg.Connection[tuple[object, ...]], schema: str, names: tuple[str, ...]) -> list[TableInfo]:
     rows = conn.execute(
         """
         select n.nspname, c.relname, c.relreplident,
@@ -122,7 +122,7 @@ def ensure_publication(
     REPLICA IDENTITY FULL/INDEX) are refused with a clear message, since
     Postgres would reject every UPDATE and DELETE on them once published.
     """
-    tables = _table_rows(conn, settings.schema, settings.tables)
+    tables = table_infos(conn, settings.schema, settings.tables)
     found = {t.name for t in tables}
     missing = [t for t in settings.tables if t not in found]
     if missing:
@@ -139,7 +139,7 @@ def ensure_publication(
     for name in full:
         conn.execute(sql.SQL("alter table {} replica identity full").format(sql.Identifier(settings.schema, name)))
     if full:
-        tables = _table_rows(conn, settings.schema, settings.tables)
+        tables = table_infos(conn, settings.schema, settings.tables)
     unusable = [t.qualified for t in tables if not t.usable_for_updates]
     if unusable:
         raise SlotError(
@@ -184,7 +184,7 @@ def published_tables(conn: psycopg.Connection[tuple[object, ...]], settings: Set
     out: list[TableInfo] = []
     for schema in sorted({str(r[0]) for r in rows}):
         names = tuple(str(r[1]) for r in rows if r[0] == schema)
-        out.extend(_table_rows(conn, schema, names))
+        out.extend(table_infos(conn, schema, names))
     return out
 
 

@@ -63,9 +63,11 @@ class SnapshotReader:
         return self._type_names[oid]
 
     def count(self, table: TableInfo) -> int:
-        """Estimated rows (planner statistics): for progress only."""
+        """Estimated rows (planner statistics): for progress only. reltuples is -1 until
+        the table's first ANALYZE; the statistics collector's n_live_tup is kept from the start."""
         row = self.conn.execute(
-            "select greatest(reltuples, 0)::bigint from pg_class where oid = %s::regclass",
+            "select greatest(c.reltuples, s.n_live_tup, 0)::bigint from pg_class c"
+            " left join pg_stat_user_tables s on s.relid = c.oid where c.oid = %s::regclass",
             (f'"{table.schema}"."{table.name}"',),
         ).fetchone()
         return int(row[0]) if row else 0

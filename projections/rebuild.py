@@ -4,10 +4,12 @@ then switched in atomically while the live one keeps serving.
 - The new generation is a new Redis namespace (``<base>.g<N>``) and a new
   ClickHouse database (``<db>_rebuild``) with the same schema.
 - It is fed either from the topics (every record from the beginning) or from a
-  fresh incremental snapshot (``--source snapshot``: the capture is asked,
-  through its signal table, to read every table again; the new generation reads
-  the topics from their current end, which then carry every row as a read plus
-  every change since).
+  fresh snapshot (``--source snapshot``): the topics' end offsets are noted,
+  the shop's tables are read inside one consistent snapshot of Postgres and
+  written to the new generation in bulk (projections/bulk_load.py), then the
+  new generation reads the topics from the offsets noted, which carry every
+  change since (older ones are refused by the version guards). The snapshot's
+  rows never go through Kafka, so the live projections do not see them.
 - Once it is within a few records of the live projection, the live pipeline is
   paused between two batches, the new generation catches up to (or past) its
   exact positions, and the switch happens: the Redis generation pointer
@@ -32,12 +34,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
 from cdc.events import DomainEvent, Watermark, decode_record
+from projections.bulk_load import ClickHouseLoad, PostgresSnapshot, RedisLoad, tables_for
 from projections.positions import Position, PositionKey
 
 __all__ = ["Rebuilder", "current_namespace", "generation_pointer"]
@@ -69,6 +73,9 @@ class RebuildState:
     finished: float | None = None
     error: str | None = None
     steps: list[str] = field(default_factory=list)
+    # --source snapshot: rows written from the snapshot (also counted in done), and how long it took
+    loaded: int = 0
+    load_s: float | None = None
     # records left out because they could not be read, by stage (decode | upcast)
     skipped_by_stage: dict[str, int] = field(default_factory=dict)
 
@@ -89,6 +96,7 @@ class RebuildState:
             "eta_s": round(left / rate, 1) if rate > 0 and self.status == "running" else None,
             "elapsed_s": round(elapsed, 1), "error": self.error, "steps": self.steps,
             "skipped": self.skipped, "skipped_by_stage": dict(self.skipped_by_stage),
+            "loaded": self.loaded, "load_s": None if self.load_s is None else round(self.load_s, 1),
         }  # fmt: skip
 
 
@@ -97,14 +105,6 @@ class Rebuilder:
         self.runtime = runtime
         self.state: RebuildState | None = None
         self._task: asyncio.Task[None] | None = None
-        self._snapshot_request: str | None = None
-        self._snapshot_checked = 0.0
-        self._snapshot_finished = False
-        # --source snapshot: the topics' end offsets once the capture said the snapshot
-        # is done (every read it published is before them); the new generation reads
-        # at least this far before it is switched in
-        self._snapshot_end: dict[PositionKey, int] = {}
-        self._snapshot_estimate = 0
 
     def start(self, projections: list[str], source: str) -> RebuildState:
         if self.state is not None and self.state.status in ("running", "switching"):
@@ -121,14 +121,14 @@ class Rebuilder:
         return self.state
 
     async def _run(self, state: RebuildState) -> None:
-        self._snapshot_request, self._snapshot_finished, self._snapshot_end = None, False, {}
-        self._snapshot_estimate = 0
         try:
-            targets = {name: await self._new_generation(name) for name in state.projections}
+            targets = {
+                name: await self._new_generation(name, state.source) for name in state.projections
+            }
             start = await asyncio.to_thread(self._start_offsets, state.source)
             if state.source == "snapshot":
-                await asyncio.to_thread(self._request_snapshot)
-                state.steps.append("incremental snapshot requested from the capture")
+                # after the end offsets were read: every change the snapshot misses is past them
+                await self._bulk_load(state, targets)
             await self._feed(state, targets, start)
             if state.skipped:
                 stages = ", ".join(f"{k}: {v}" for k, v in sorted(state.skipped_by_stage.items()))
@@ -144,9 +144,50 @@ class Rebuilder:
         finally:
             state.finished = time.time()
 
+    async def _bulk_load(self, state: RebuildState, targets: dict[str, Any]) -> None:
+        """Fill the new generations from one consistent snapshot of Postgres
+        (projections/bulk_load.py): each chunk read goes to every target, each
+        target writes on a thread of its own, in order, while the next chunk is read."""
+        snapshot = PostgresSnapshot(self.runtime.settings.pg_dsn)
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            lsn = await asyncio.to_thread(snapshot.open, tables_for(list(targets)))
+            state.total += await asyncio.to_thread(snapshot.estimate)
+            state.steps.append(
+                f"snapshot of Postgres at {snapshot.label} (a temporary slot's exported snapshot)"
+            )
+            loaders = [target.bulk_loader(self.runtime, lsn) for target in targets.values()]
+            inflight: list[asyncio.Future[Any]] = []
+            try:
+                for table in snapshot.tables:
+                    rows = snapshot.read(table)
+                    while (chunk := await asyncio.to_thread(next, rows, None)) is not None:
+                        inflight.append(asyncio.gather(*(
+                            loop.run_in_executor(executor, load, table, chunk) for executor, load, _ in loaders
+                        )))  # fmt: skip
+                        if len(inflight) > 2:  # bounded: at most three chunks in memory
+                            await inflight.pop(0)
+                        state.done += len(chunk)
+                        state.loaded += len(chunk)
+                while inflight:
+                    await inflight.pop(0)
+                for executor, _, finish in loaders:
+                    await loop.run_in_executor(executor, finish)
+            finally:
+                await asyncio.gather(*inflight, return_exceptions=True)
+                for target in targets.values():
+                    target.bulk_done()
+        finally:
+            await asyncio.to_thread(snapshot.close)
+        state.load_s = time.monotonic() - started
+        state.steps.append(
+            f"{state.loaded:,} rows loaded from the snapshot in {state.load_s:.1f} s; catching up from the topics"
+        )
+
     # ---- generations
 
-    async def _new_generation(self, name: str) -> Any:
+    async def _new_generation(self, name: str, source: str) -> Any:
         rt = self.runtime
         if name == "redis":
             from projections.redis_views import RedisViews
@@ -161,7 +202,8 @@ class Rebuilder:
         await asyncio.to_thread(backend.command, f"DROP DATABASE IF EXISTS {db}")
         sink = ClickHouseSink(backend, database=db)
         await asyncio.to_thread(sink.migrate)
-        return _ClickHouseTarget(sink, db, live, rt.clickhouse)
+        # a snapshot has no history: with --source snapshot the live events table stays
+        return _ClickHouseTarget(sink, db, live, rt.clickhouse, keep_events=source == "snapshot")
 
     # ---- feeding
 
@@ -184,17 +226,6 @@ class Rebuilder:
             return out
         finally:
             consumer.close()
-
-    def _request_snapshot(self) -> None:
-        import psycopg
-
-        from cdc.signals import send_snapshot_signal
-
-        with psycopg.connect(
-            self.runtime.settings.pg_dsn, autocommit=True, connect_timeout=10
-        ) as conn:
-            self._snapshot_request = send_snapshot_signal(conn, None, [])
-        self._snapshot_finished = False
 
     def _read(
         self,
@@ -246,7 +277,7 @@ class Rebuilder:
         positions: dict[PositionKey, Position] = {
             k: Position(off, 0) for k, (off, _) in start.items()
         }
-        state.total = sum(hi - lo for lo, hi in start.values())
+        state.total += sum(hi - lo for lo, hi in start.values())
         upcasters = self.runtime.pipelines[state.projections[0]].projector.upcasters
         pending = dict(targets)
         try:
@@ -255,8 +286,6 @@ class Rebuilder:
                     self._read, consumer, positions, upcasters, state
                 )
                 state.done += n
-                if state.total < self._snapshot_estimate:
-                    state.total = self._snapshot_estimate
                 if n:
                     for target in pending.values():
                         await target.apply(events, touched)
@@ -269,17 +298,9 @@ class Rebuilder:
             consumer.close()
 
     def _behind(self, name: str, positions: dict[PositionKey, Position]) -> int:
-        """Records the new generation must still read before it may replace the live one:
-        up to the live one's positions, and with --source snapshot up to the end of the
-        snapshot (the live positions alone say nothing about that: the new generation
-        started at the end of the topics, and the live one may be behind the snapshot's
-        reads as well)."""
+        """Records the new generation must still read to reach the live one's positions."""
         live = self.runtime.pipelines[name].projector.progress.applied
-        end = self._snapshot_end
-        return sum(
-            max(0, max(live[k].offset if k in live else 0, end.get(k, 0)) - positions[k].offset)
-            for k in positions
-        )
+        return sum(max(0, live[k].offset - positions[k].offset) for k in positions if k in live)
 
     async def _maybe_switch(
         self,
@@ -294,8 +315,6 @@ class Rebuilder:
         generation still being built: they share one consumer and its positions, so
         whatever is read while catching up here is applied to all of them."""
         target = pending[name]
-        if state.source == "snapshot" and not await self._snapshot_done():
-            return False
         if self._behind(name, positions) > 2000:
             return False
         pipeline = self.runtime.pipelines[name]
@@ -321,47 +340,6 @@ class Rebuilder:
         state.status = "running"
         return True
 
-    async def _snapshot_done(self) -> bool:
-        """Has the capture finished the snapshot this rebuild asked for? Asked of
-        Postgres at most every 2 s, not per batch."""
-        if self._snapshot_finished:
-            return True
-        now = time.monotonic()
-        if now - self._snapshot_checked < 2.0:
-            return False
-        self._snapshot_checked = now
-        if await asyncio.to_thread(self._query_snapshot_status) != "done":
-            return False
-        # 'done' is recorded once Kafka acknowledged the last chunk's reads: they are
-        # all before the end offsets read now
-        ends = await asyncio.to_thread(self._start_offsets, "topics")
-        self._snapshot_end = {k: hi for k, (_, hi) in ends.items()}
-        self._snapshot_finished = True
-        return True
-
-    def _query_snapshot_status(self) -> str | None:
-        import psycopg
-
-        with psycopg.connect(
-            self.runtime.settings.pg_dsn, autocommit=True, connect_timeout=10
-        ) as conn:
-            row = conn.execute(
-                # reltuples is -1 until a table's first ANALYZE; n_live_tup is kept from the start
-                "select status, (select coalesce(sum(greatest(c.reltuples, st.n_live_tup, 0)), 0)::bigint"
-                " from pg_class c left join pg_stat_user_tables st on st.relid = c.oid"
-                " where c.oid in (select to_regclass(t) from unnest(s.tables) t))"
-                " from readside_cdc.incremental_snapshots s where request_id = %s",
-                (self._snapshot_request,),
-            ).fetchone()
-        if row is not None:
-            # rows the capture will read (the planner's estimate): the progress bar's total
-            self._snapshot_estimate = int(row[1] or 0)
-        if row is not None and row[0] == "failed":
-            raise RuntimeError(
-                f"the capture's snapshot {self._snapshot_request} failed; see python -m cdc snapshot --status"
-            )
-        return str(row[0]) if row else None
-
 
 class _RedisTarget:
     def __init__(self, views: Any, namespace: str) -> None:
@@ -369,6 +347,26 @@ class _RedisTarget:
         self.namespace = namespace
         self.label = f"Redis namespace {namespace}"
         self.old: str | None = None
+        self._bulk: tuple[ThreadPoolExecutor, Any, RedisLoad] | None = None
+
+    def bulk_loader(self, runtime: Any, lsn: int) -> tuple[ThreadPoolExecutor, Any, Any]:
+        """(executor, load(table, rows), finish()) of the bulk load: a thread and a
+        synchronous connection of its own (pipelines of plain commands)."""
+        import redis
+
+        client = redis.Redis.from_url(runtime.settings.redis_url)
+        executor = ThreadPoolExecutor(1, thread_name_prefix="rebuild-redis")
+        load = RedisLoad(client, self.namespace, lsn)
+        self._bulk = (executor, client, load)
+        return executor, load.load, load.finish
+
+    def bulk_done(self) -> None:
+        if self._bulk is not None:
+            executor, client, load = self._bulk
+            executor.shutdown(wait=True)
+            load.close()
+            client.close()
+            self._bulk = None
 
     async def apply(
         self, events: list[DomainEvent], positions: dict[PositionKey, Position]
@@ -396,12 +394,26 @@ class _RedisTarget:
 
 
 class _ClickHouseTarget:
-    def __init__(self, sink: Any, database: str, live: str, adapter: Any) -> None:
+    def __init__(
+        self, sink: Any, database: str, live: str, adapter: Any, keep_events: bool = False
+    ) -> None:
         self.sink = sink
         self.adapter = adapter
         self.database = database
         self.live = live
+        self.keep_events = keep_events
         self.label = f"ClickHouse tables built in {database}, exchanged into {live}"
+        if keep_events:
+            self.label += " (events: the live table kept)"
+
+    def bulk_loader(self, runtime: Any, lsn: int) -> tuple[Any, Any, Any]:
+        """(executor, load(table, rows), finish()) of the bulk load: the live sink's
+        writer thread (one thread writes to chdb at a time)."""
+        load = ClickHouseLoad(self.sink, lsn)
+        return self.adapter._writer, load.load, lambda: None
+
+    def bulk_done(self) -> None:
+        pass
 
     async def apply(
         self, events: list[DomainEvent], positions: dict[PositionKey, Position]
@@ -419,9 +431,16 @@ class _ClickHouseTarget:
                 "SELECT name FROM system.tables WHERE database = {db:String} AND engine LIKE '%MergeTree%'",
                 {"db": self.database},
             ).rows
-            backend.exchange_tables(
-                [(f"{self.live}.{table}", f"{self.database}.{table}") for (table,) in rows]
-            )
+            tables = [table for (table,) in rows]
+            if self.keep_events:
+                # the history stays; it gets what the new generation read while catching
+                # up (the live pipeline is paused: nothing else writes it now; a row
+                # already there is collapsed by the table's deduplication on event_id)
+                backend.command(
+                    f"INSERT INTO {self.live}.events SELECT * FROM {self.database}.events"
+                )
+                tables.remove("events")
+            backend.exchange_tables([(f"{self.live}.{t}", f"{self.database}.{t}") for t in tables])
 
         await asyncio.to_thread(exchange)
 

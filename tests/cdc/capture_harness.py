@@ -240,12 +240,12 @@ def rebuild_tables(changes: Iterator[dict[str, Any]], keys: dict[str, tuple[str,
 def read_tables(dsn: str, names: list[str]) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
     """Postgres' own rows, converted exactly as the capture converts them."""
     from cdc.config import Settings
-    from cdc.slot import _table_rows
+    from cdc.slot import table_infos
 
     settings = Settings(pg_dsn=dsn)
     out: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {}
     with psycopg.connect(settings.query_dsn(), autocommit=True) as meta, psycopg.connect(settings.query_dsn()) as conn:
-        infos: list[TableInfo] = _table_rows(meta, "public", tuple(names))
+        infos: list[TableInfo] = table_infos(meta, "public", tuple(names))
         reader = SnapshotReader(conn, None, 0, 0, 50_000)
         for info in infos:
             rows: dict[tuple[Any, ...], dict[str, Any]] = {}

@@ -1,0 +1,409 @@
+"""Bulk load of a rebuild's new generation from one consistent Postgres snapshot.
+
+``rebuild --source snapshot`` fills the new generation straight from the
+shop's tables instead of one domain event per row through Kafka:
+
+1. The topics' end offsets are read first: the catch-up starts there.
+2. A temporary logical replication slot is created with an exported snapshot
+   (``CREATE_REPLICATION_SLOT ... TEMPORARY ... EXPORT_SNAPSHOT``): the
+   snapshot holds every transaction committed before the slot's consistent
+   point and none after. The slot goes when its connection closes.
+3. Every projected table is read inside that snapshot, in primary-key chunks,
+   by the capture's own snapshot reader (cdc/snapshot.py: the same text
+   output functions and value conversions as the stream, so a bulk-loaded row
+   and a streamed one carry identical values).
+4. Each row is written as the read of that snapshot would be: row version
+   ``(consistent point << 16) | 0``, the version the capture gives snapshot
+   reads. ClickHouse gets plain inserts into the new tables; Redis gets the
+   final hashes, sets and sorted sets of the views (docs/redis-views.md),
+   written with pipelined plain commands, with the derived fields (``@paid``,
+   ``@link``, a customer's counts, spend, recent orders and last activity)
+   computed here, as apply.lua would have left them after applying the reads.
+5. The new generation then consumes the topics from the offsets of step 1 like
+   any rebuild. Every transaction committed after the consistent point is at
+   or after those offsets (it was published after they were read), and its
+   version is higher than the snapshot's, so it applies; the ones committed
+   before it are older than the snapshot's rows, so the version guards refuse
+   them. The result is the state of the tables at the consistent point plus
+   every change since: the same as the reads of an incremental snapshot, with
+   none of them through Kafka, and the live projections never see them.
+
+The ClickHouse ``events`` table is history: a snapshot has none to rebuild
+it from, so the rebuild keeps the live one (see rebuild.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any, Final
+
+import hiredis
+import orjson
+import psycopg
+
+from cdc.changes import RowChange
+from cdc.events import SNAPSHOT_K
+from cdc.lsn import format_lsn, parse_lsn
+from cdc.slot import TableInfo, table_infos
+from cdc.snapshot import SnapshotReader
+from projections.clickhouse_sink import TABLES as CLICKHOUSE_TABLES
+from projections.redis_views import RECENT, _cents, _id, _micros
+
+__all__ = [
+    "READ_ORDER",
+    "ClickHouseLoad",
+    "PostgresSnapshot",
+    "RedisLoad",
+    "SnapshotError",
+    "tables_for",
+]
+
+# Payments before orders (an order's hash carries its net paid), orders before
+# customers (a customer's hash carries the counts and spend of its orders).
+READ_ORDER: Final = ("payments", "order_items", "orders", "customers", "products")
+_TABLES: Final = {
+    "redis": frozenset(("payments", "order_items", "orders", "customers")),
+    "clickhouse": frozenset(CLICKHOUSE_TABLES),
+}
+_U64: Final = 1 << 64
+# hiredis' own stub types the command as a 1-tuple
+pack_command: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command
+
+
+class SnapshotError(RuntimeError):
+    """The snapshot cannot be taken or read; the message says why and what to do."""
+
+
+def tables_for(projections: list[str]) -> list[str]:
+    """The tables the bulk load reads for these projections, in READ_ORDER."""
+    wanted = frozenset().union(*(_TABLES[p] for p in projections))
+    return [t for t in READ_ORDER if t in wanted]
+
+
+def snapshot_version(lsn: int) -> int:
+    """The version of every row read at a snapshot's consistent point (as the capture's reads)."""
+    return (lsn << 16) | SNAPSHOT_K
+
+
+class PostgresSnapshot:
+    """The shop's tables as of one consistent point, read in chunks.
+
+    ``open()`` creates the temporary slot and returns the consistent point;
+    ``read(table)`` yields the table's rows as ``op=r`` row changes; ``close()``
+    ends the transaction and drops the slot.
+    """
+
+    def __init__(self, dsn: str, chunk: int = 10_000) -> None:
+        self.dsn = dsn
+        self.chunk = chunk
+        self.lsn = 0
+        self.tables: dict[str, TableInfo] = {}
+        self._repl: psycopg.Connection[Any] | None = None
+        self._reader: SnapshotReader | None = None
+
+    def open(self, names: list[str]) -> int:
+        slot = f"readside_rebuild_{os.getpid()}_{secrets.token_hex(4)}"
+        try:
+            self._repl = psycopg.connect(
+                self.dsn, replication="database", autocommit=True, connect_timeout=10
+            )
+            row = self._repl.execute(
+                f'CREATE_REPLICATION_SLOT "{slot}" TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT'
+            ).fetchone()
+        except psycopg.Error as exc:
+            self.close()
+            raise SnapshotError(
+                f"cannot take a consistent snapshot of Postgres for the rebuild (a temporary "
+                f"replication slot with an exported snapshot): {str(exc).strip()}; it needs "
+                "wal_level=logical, a free replication slot (max_replication_slots) and the "
+                "REPLICATION privilege"
+            ) from None
+        assert row is not None
+        self.lsn = parse_lsn(str(row[1]))
+        conn = psycopg.connect(self.dsn, connect_timeout=10)
+        try:
+            found = {t.name: t for t in table_infos(conn, "public", tuple(names))}
+            self.tables = {
+                name: found[name] for name in names if name in found
+            }  # in the order asked
+            conn.rollback()  # SET TRANSACTION SNAPSHOT must open the reader's transaction
+            self._reader = SnapshotReader(
+                conn, str(row[2]), self.lsn, int(time.time() * 1000), self.chunk, kind="rebuild"
+            )
+        except BaseException:
+            conn.close()
+            self.close()
+            raise
+        return self.lsn
+
+    def estimate(self) -> int:
+        """Rows the load will read (the planner's estimate): the progress bar's total."""
+        assert self._reader is not None
+        return sum(self._reader.count(t) for t in self.tables.values())
+
+    def read(self, table: str) -> Iterator[list[RowChange]]:
+        assert self._reader is not None
+        info = self.tables.get(table)
+        if info is None:
+            return
+        yield from self._reader.chunks(info)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            try:
+                self._reader.close()
+                self._reader.conn.close()
+            except psycopg.Error:
+                pass
+            self._reader = None
+        if self._repl is not None:
+            self._repl.close()  # drops the temporary slot
+            self._repl = None
+
+    @property
+    def label(self) -> str:
+        return format_lsn(self.lsn)
+
+
+class ClickHouseLoad:
+    """Rows of a snapshot -> inserts into a new generation's current-state tables."""
+
+    def __init__(self, sink: Any, lsn: int) -> None:
+        self.sink = sink
+        version = snapshot_version(lsn)
+        self._tail = (version if version < _U64 else str(version), 0, lsn, 0)
+        self._getters = {
+            name: itemgetter(*spec.columns) for name, spec in CLICKHOUSE_TABLES.items()
+        }
+
+    def load(self, table: str, changes: list[RowChange]) -> None:
+        spec = CLICKHOUSE_TABLES.get(table)
+        if spec is None:
+            return
+        getter, tail = self._getters[table], self._tail
+        rows: list[list[Any]] = []
+        for change in changes:
+            after = change.after or {}
+            try:
+                row = list(getter(after))
+            except KeyError:
+                row = [after.get(c) for c in spec.columns]
+            row += tail
+            rows.append(row)
+        self.sink.backend.insert(
+            f"{self.sink.database}.{table}", rows, spec.insert_columns, {"optimize_on_insert": 0}
+        )
+
+
+@dataclass(slots=True)
+class _Customer:
+    """What a customer's orders add up to (apply.lua's relinked(), summed)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    spend: dict[str, int] = field(default_factory=dict)
+    recent: list[tuple[int, str]] = field(default_factory=list)  # min-heap of the newest RECENT
+    act: int = -1
+
+
+def _member(oid: str) -> str:
+    """apply.lua's member(): numeric ids zero-padded to 20 digits."""
+    return oid.zfill(20) if len(oid) < 20 and oid.isdigit() else oid
+
+
+class RedisLoad:
+    """Rows of a snapshot -> the Redis views of a new (empty) namespace.
+
+    Writes what apply.lua leaves after applying every row as a read of the
+    snapshot, with plain pipelined commands (no script): one HSET per order
+    and per customer, the items and payments of a chunk grouped per order.
+    """
+
+    def __init__(self, client: Any, namespace: str, lsn: int) -> None:
+        self.client = client  # a synchronous redis.Redis: this runs in a thread of its own
+        self.ns = namespace
+        self.rv = f"{snapshot_version(lsn):025d}{0:010d}"
+        self.paid: dict[str, int] = {}  # order id -> net payments in cents
+        self.customers: dict[str, _Customer] = {}
+        self.commands = 0
+        self._conn: Any = None
+        self._unread = 0
+
+    def _customer(self, cust: str) -> _Customer:
+        view = self.customers.get(cust)
+        if view is None:
+            view = self.customers[cust] = _Customer()
+        return view
+
+    def load(self, table: str, changes: list[RowChange]) -> None:
+        pipe: list[bytes] = []
+        if table == "payments":
+            self._payments(pipe, changes)
+        elif table == "order_items":
+            self._items(pipe, changes)
+        elif table == "orders":
+            self._orders(pipe, changes)
+        elif table == "customers":
+            self._customers(pipe, changes)
+        else:
+            return
+        self._send(pipe)
+
+    def _send(self, commands: list[bytes]) -> None:
+        """Commands packed by hiredis and written at once; their replies are read at the
+        next send, so Redis executes one chunk while this thread builds the next (a
+        redis-py pipeline costs several µs of Python per command)."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self.client.connection_pool.make_connection()
+        self._replies()
+        if commands:
+            conn.send_packed_command([b"".join(commands)], check_health=False)
+            self._unread = len(commands)
+            self.commands += len(commands)
+
+    def _replies(self) -> None:
+        while self._unread:
+            self._unread -= 1
+            self._conn.read_response()  # raises the first error reply
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.disconnect()
+            self._conn = None
+
+    def _children(self, pipe: list[bytes], groups: dict[str, list[str]]) -> None:
+        ns = self.ns
+        for oid, fields in groups.items():
+            pipe.append(pack_command(("HSET", f"{ns}:order:{oid}", *fields)))
+        if groups:
+            pipe.append(pack_command(("SADD", f"{ns}:orders", *groups)))
+
+    def _payments(self, pipe: list[bytes], changes: list[RowChange]) -> None:
+        rv, paid = self.rv, self.paid
+        groups: dict[str, list[str]] = {}
+        for change in changes:
+            row = change.after or {}
+            oid, pid = row.get("order_id"), row.get("id")
+            if oid is None or pid is None:
+                continue
+            oid = _id(oid)
+            cents = _cents(row.get("amount", "0"))
+            if row.get("kind") == "refund":
+                cents = -cents
+            paid[oid] = paid.get(oid, 0) + cents
+            fields = groups.get(oid)
+            if fields is None:
+                fields = groups[oid] = []
+            fields += (f"p:{_id(pid)}", f"{rv}|{cents}")
+        self._children(pipe, groups)
+
+    def _items(self, pipe: list[bytes], changes: list[RowChange]) -> None:
+        rv, dumps = self.rv, orjson.dumps
+        groups: dict[str, list[str]] = {}
+        for change in changes:
+            row = change.after or {}
+            oid, line = row.get("order_id"), row.get("line_no")
+            if oid is None or line is None:
+                continue
+            oid = _id(oid)
+            item = {k: v for k, v in row.items() if k != "order_id"}
+            fields = groups.get(oid)
+            if fields is None:
+                fields = groups[oid] = []
+            fields += (f"i:{_id(line)}", f"{rv}|{dumps(item).decode()}")
+        self._children(pipe, groups)
+
+    def _orders(self, pipe: list[bytes], changes: list[RowChange]) -> None:
+        ns, rv, dumps, paid = self.ns, self.rv, orjson.dumps, self.paid
+        ids: list[str] = []
+        for change in changes:
+            row = change.after or {}
+            if row.get("id") is None:
+                continue
+            oid = _id(row["id"])
+            ids.append(oid)
+            cust, status, currency = row.get("customer_id"), row.get("status"), row.get("currency")
+            cust = "" if cust is None else _id(cust)
+            status = "" if status is None else _id(status)
+            currency = "" if currency is None else _id(currency)
+            placed = _micros(row.get("placed_at"))
+            fields = ["@v", rv, "@row", dumps(row).decode()]
+            for name, value in (("@c", cust), ("@s", status), ("@cur", currency), ("@ts", placed)):
+                if value:
+                    fields += (name, value)
+            cents = paid.get(oid)
+            if cents is not None:
+                fields += ("@paid", str(cents))
+            if cust and status:
+                fields += ("@link", f"{cust}|{status}|{currency}|{cents or 0}")
+                view = self._customer(cust)
+                view.counts[status] = view.counts.get(status, 0) + 1
+                if cents:
+                    view.spend[currency] = view.spend.get(currency, 0) + cents
+                entry = (int(placed or 0), _member(oid))
+                if len(view.recent) < RECENT:
+                    heapq.heappush(view.recent, entry)
+                elif entry > view.recent[0]:
+                    heapq.heapreplace(view.recent, entry)
+            if cust:
+                act = _micros(row.get("updated_at"))
+                view = self._customer(cust)
+                if act and int(act) > view.act:
+                    view.act = int(act)
+            pipe.append(pack_command(("HSET", f"{ns}:order:{oid}", *fields)))
+        if ids:
+            pipe.append(pack_command(("SADD", f"{ns}:orders", *ids)))
+
+    def _customers(self, pipe: list[bytes], changes: list[RowChange]) -> None:
+        rv, dumps = self.rv, orjson.dumps
+        ids: list[str] = []
+        for change in changes:
+            row = change.after or {}
+            if row.get("id") is None:
+                continue
+            cid = _id(row["id"])
+            ids.append(cid)
+            view = self.customers.pop(cid, None) or _Customer()
+            act = _micros(row.get("updated_at"))
+            if act and int(act) > view.act:
+                view.act = int(act)
+            self._customer_view(pipe, cid, view, ["@v", rv, "@row", dumps(row).decode()])
+        if ids:
+            pipe.append(pack_command(("SADD", f"{self.ns}:users", *ids)))
+
+    def _customer_view(
+        self, pipe: list[bytes], cid: str, view: _Customer, fields: list[str]
+    ) -> None:
+        ns = self.ns
+        for status, n in view.counts.items():
+            fields += (f"@n:{status}", str(n))
+        for currency, cents in view.spend.items():
+            fields += (f"@spend:{currency}", str(cents))
+        if fields:
+            pipe.append(pack_command(("HSET", f"{ns}:user:{cid}", *fields)))
+        if view.recent:
+            args: list[Any] = []
+            for score, member in view.recent:
+                args += (score, member)
+            pipe.append(pack_command(("ZADD", f"{ns}:user:{cid}:recent", *args)))
+        if view.act >= 0:
+            pipe.append(pack_command(("ZADD", f"{ns}:last", "GT", view.act, cid)))
+
+    def finish(self) -> None:
+        """The customers with orders but no customers row (no foreign key held them)."""
+        pipe: list[bytes] = []
+        ids = list(self.customers)
+        for cid, view in self.customers.items():
+            self._customer_view(pipe, cid, view, [])
+        if ids:
+            pipe.append(pack_command(("SADD", f"{self.ns}:users", *ids)))
+        self.customers = {}
+        self.paid = {}
+        self._send(pipe)
+        self._replies()
