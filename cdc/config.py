@@ -9,12 +9,14 @@ from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-__all__ = ["ConfigError", "Settings", "mask_dsn"]
+__all__ = ["TEXT_OPTIONS", "ConfigError", "Settings", "mask_dsn"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOT_MODES = ("initial", "never", "initial_only")
 DEFAULT_FULL_IDENTITY = ("customers", "products")
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# Session settings under which Postgres writes values in the text forms cdc/values.py parses
+TEXT_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601 -c extra_float_digits=3"
 
 
 class ConfigError(ValueError):
@@ -130,7 +132,7 @@ class Settings:
 
     def replication_dsn(self) -> str:
         """The DSN for the walsender: text output in UTC/ISO forms that cdc/values.py parses."""
-        options = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601 -c extra_float_digits=3"
+        options = TEXT_OPTIONS
         if self.decoding_work_mem:
             options += f" -c logical_decoding_work_mem={self.decoding_work_mem}"
         return make_conninfo(
@@ -141,7 +143,7 @@ class Settings:
         return make_conninfo(
             self.pg_dsn,
             application_name=f"readside-cdc-{self.slot}",
-            options="-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601 -c extra_float_digits=3",
+            options=TEXT_OPTIONS,
         )
 
 

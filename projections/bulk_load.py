@@ -40,17 +40,18 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Any, Final
 
 import hiredis
 import orjson
 import psycopg
+from psycopg import sql
 
 from cdc.changes import RowChange
+from cdc.config import TEXT_OPTIONS
 from cdc.events import SNAPSHOT_K
 from cdc.lsn import format_lsn, parse_lsn
-from cdc.slot import TableInfo, table_infos
+from cdc.slot import table_infos
 from cdc.snapshot import SnapshotReader
 from projections.clickhouse_sink import TABLES as CLICKHOUSE_TABLES
 from projections.redis_views import RECENT, _cents, _id, _micros
@@ -71,7 +72,7 @@ _TABLES: Final = {
     "redis": frozenset(("payments", "order_items", "orders", "customers")),
     "clickhouse": frozenset(CLICKHOUSE_TABLES),
 }
-_U64: Final = 1 << 64
+_BLOCK_BYTES: Final = 8 << 20  # COPY text handed to ClickHouse at a time
 # hiredis' own stub types the command as a 1-tuple
 pack_command: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command
 
@@ -92,22 +93,21 @@ def snapshot_version(lsn: int) -> int:
 
 
 class PostgresSnapshot:
-    """The shop's tables as of one consistent point, read in chunks.
+    """One consistent point of the shop's tables: a temporary slot's exported snapshot.
 
-    ``open()`` creates the temporary slot and returns the consistent point;
-    ``read(table)`` yields the table's rows as ``op=r`` row changes; ``close()``
-    ends the transaction and drops the slot.
+    ``open()`` creates the slot and returns its consistent point; the snapshot can
+    be read (``Session``, in this process or another) until ``close()`` drops the
+    slot. Its connection must stay idle meanwhile (Postgres keeps an exported
+    snapshot only that long).
     """
 
-    def __init__(self, dsn: str, chunk: int = 10_000) -> None:
+    def __init__(self, dsn: str) -> None:
         self.dsn = dsn
-        self.chunk = chunk
         self.lsn = 0
-        self.tables: dict[str, TableInfo] = {}
+        self.name = ""
         self._repl: psycopg.Connection[Any] | None = None
-        self._reader: SnapshotReader | None = None
 
-    def open(self, names: list[str]) -> int:
+    def open(self) -> int:
         slot = f"readside_rebuild_{os.getpid()}_{secrets.token_hex(4)}"
         try:
             self._repl = psycopg.connect(
@@ -125,43 +125,10 @@ class PostgresSnapshot:
                 "REPLICATION privilege"
             ) from None
         assert row is not None
-        self.lsn = parse_lsn(str(row[1]))
-        conn = psycopg.connect(self.dsn, connect_timeout=10)
-        try:
-            found = {t.name: t for t in table_infos(conn, "public", tuple(names))}
-            self.tables = {
-                name: found[name] for name in names if name in found
-            }  # in the order asked
-            conn.rollback()  # SET TRANSACTION SNAPSHOT must open the reader's transaction
-            self._reader = SnapshotReader(
-                conn, str(row[2]), self.lsn, int(time.time() * 1000), self.chunk, kind="rebuild"
-            )
-        except BaseException:
-            conn.close()
-            self.close()
-            raise
+        self.lsn, self.name = parse_lsn(str(row[1])), str(row[2])
         return self.lsn
 
-    def estimate(self) -> int:
-        """Rows the load will read (the planner's estimate): the progress bar's total."""
-        assert self._reader is not None
-        return sum(self._reader.count(t) for t in self.tables.values())
-
-    def read(self, table: str) -> Iterator[list[RowChange]]:
-        assert self._reader is not None
-        info = self.tables.get(table)
-        if info is None:
-            return
-        yield from self._reader.chunks(info)
-
     def close(self) -> None:
-        if self._reader is not None:
-            try:
-                self._reader.close()
-                self._reader.conn.close()
-            except psycopg.Error:
-                pass
-            self._reader = None
         if self._repl is not None:
             self._repl.close()  # drops the temporary slot
             self._repl = None
@@ -171,34 +138,99 @@ class PostgresSnapshot:
         return format_lsn(self.lsn)
 
 
+class Session:
+    """One connection reading inside an exported snapshot (`name`, taken at `lsn`)."""
+
+    def __init__(
+        self, dsn: str, name: str, lsn: int, tables: list[str], chunk: int = 10_000
+    ) -> None:
+        conn = psycopg.connect(dsn, connect_timeout=10, options=TEXT_OPTIONS)
+        try:
+            found = {t.name: t for t in table_infos(conn, "public", tuple(tables))}
+            self.tables = {t: found[t] for t in tables if t in found}  # in the order asked
+            # table -> column -> its type, as format_type() names it
+            self.columns: dict[str, dict[str, str]] = {
+                t: dict(conn.execute(
+                    "select attname, format_type(atttypid, atttypmod) from pg_attribute"
+                    " where attrelid = %s::regclass and attnum > 0 and not attisdropped",
+                    (f'"{info.schema}"."{info.name}"',),
+                ).fetchall())
+                for t, info in self.tables.items()
+            }  # fmt: skip
+            conn.rollback()  # SET TRANSACTION SNAPSHOT must open the reader's transaction
+            self.reader = SnapshotReader(
+                conn, name, lsn, int(time.time() * 1000), chunk, kind="rebuild"
+            )
+        except psycopg.Error as exc:
+            conn.close()
+            raise SnapshotError(f"cannot read the snapshot {name}: {str(exc).strip()}") from None
+        except BaseException:
+            conn.close()
+            raise
+
+    def estimate(self) -> int:
+        """Rows the tables hold (the planner's estimate): a progress bar's total."""
+        return sum(self.reader.count(t) for t in self.tables.values())
+
+    def read(self, table: str) -> Iterator[list[RowChange]]:
+        """The table's rows as ``op=r`` row changes, in key order, in chunks."""
+        if table in self.tables:
+            yield from self.reader.chunks(self.tables[table])
+
+    def copy(self, table: str, columns: tuple[str, ...], tail: tuple[int, ...]) -> Iterator[bytes]:
+        """The table's `columns` then the constants `tail`, in Postgres' COPY text format
+        (ClickHouse's TabSeparated: same escapes, NULL as \\N), in blocks of whole rows.
+        A boolean goes as 0/1; a column the table lacks as NULL."""
+        if table not in self.tables:
+            return
+        have = self.columns[table]
+        exprs = [
+            sql.SQL("NULL") if c not in have
+            else sql.SQL("{}::int").format(sql.Identifier(c)) if have[c] == "boolean"
+            else sql.Identifier(c)
+            for c in columns
+        ] + [sql.Literal(v) for v in tail]  # fmt: skip
+        info = self.tables[table]
+        query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
+            sql.SQL(", ").join(exprs), sql.Identifier(info.schema, info.name)
+        )
+        with self.reader.conn.cursor() as cur, cur.copy(query) as copy:
+            block: list[bytes] = []
+            size = 0
+            for row in copy:  # one row per item, newline included
+                block.append(bytes(row))
+                size += len(row)
+                if size >= _BLOCK_BYTES:
+                    yield b"".join(block)
+                    block, size = [], 0
+            if block:
+                yield b"".join(block)
+
+    def close(self) -> None:
+        try:
+            self.reader.close()
+        finally:
+            self.reader.conn.close()
+
+
 class ClickHouseLoad:
-    """Rows of a snapshot -> inserts into a new generation's current-state tables."""
+    """A snapshot's tables -> the new generation's current-state tables, as
+    Postgres' COPY text straight into ClickHouse (no value handled in Python)."""
 
     def __init__(self, sink: Any, lsn: int) -> None:
         self.sink = sink
-        version = snapshot_version(lsn)
-        self._tail = (version if version < _U64 else str(version), 0, lsn, 0)
-        self._getters = {
-            name: itemgetter(*spec.columns) for name, spec in CLICKHOUSE_TABLES.items()
-        }
+        self.tail = (snapshot_version(lsn), 0, lsn, 0)  # version, is_deleted, commit_lsn, seq
 
-    def load(self, table: str, changes: list[RowChange]) -> None:
-        spec = CLICKHOUSE_TABLES.get(table)
-        if spec is None:
-            return
-        getter, tail = self._getters[table], self._tail
-        rows: list[list[Any]] = []
-        for change in changes:
-            after = change.after or {}
-            try:
-                row = list(getter(after))
-            except KeyError:
-                row = [after.get(c) for c in spec.columns]
-            row += tail
-            rows.append(row)
-        self.sink.backend.insert(
-            f"{self.sink.database}.{table}", rows, spec.insert_columns, {"optimize_on_insert": 0}
-        )
+    def blocks(self, session: Session, table: str) -> Iterator[bytes]:
+        spec = CLICKHOUSE_TABLES[table]
+        return session.copy(table, spec.columns, self.tail)
+
+    def insert(self, table: str, block: bytes) -> None:
+        spec = CLICKHOUSE_TABLES[table]
+        self.sink.backend.insert_raw(
+            f"{self.sink.database}.{table}", spec.insert_columns, "TabSeparated", block,
+            {"optimize_on_insert": 0, "date_time_input_format": "best_effort"},
+        )  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -407,3 +439,77 @@ class RedisLoad:
         self.paid = {}
         self._send(pipe)
         self._replies()
+
+
+def load_redis(
+    dsn: str,
+    redis_url: str,
+    snapshot: str,
+    lsn: int,
+    namespace: str,
+    progress: Callable[[dict[str, Any]], None],
+) -> int:
+    """Read the Redis views' tables inside `snapshot` and write them into `namespace`;
+    returns the rows loaded. `progress` gets {"total": estimate} first, then {"rows": n}."""
+    import redis
+
+    session = Session(dsn, snapshot, lsn, tables_for(["redis"]))
+    client = redis.Redis.from_url(redis_url)
+    load = RedisLoad(client, namespace, lsn)
+    try:
+        progress({"total": session.estimate()})
+        rows = 0
+        for table in session.tables:
+            for chunk in session.read(table):
+                load.load(table, chunk)
+                rows += len(chunk)
+                progress({"rows": rows})
+        load.finish()
+        return rows
+    finally:
+        load.close()
+        client.close()
+        session.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m projections.bulk_load redis --snapshot S --lsn X/Y --namespace NS``: the
+    Redis half of a rebuild's bulk load, run by the worker in a process of its own (its
+    own interpreter lock: the worker keeps serving and applying meanwhile). Settings
+    come from the environment (PG_DSN, REDIS_URL); progress goes to stdout as JSON
+    lines, an error to stderr with exit code 1."""
+    import argparse
+    import sys
+
+    from projections.config import Settings
+
+    parser = argparse.ArgumentParser(prog="python -m projections.bulk_load")
+    parser.add_argument("projection", choices=["redis"])
+    parser.add_argument("--snapshot", required=True, help="the exported snapshot's name")
+    parser.add_argument("--lsn", required=True, help="its consistent point, e.g. 3/86665598")
+    parser.add_argument("--namespace", required=True, help="the new generation's Redis namespace")
+    args = parser.parse_args(argv)
+
+    def progress(message: dict[str, Any]) -> None:
+        sys.stdout.write(orjson.dumps(message).decode() + "\n")
+        sys.stdout.flush()
+
+    try:
+        settings = Settings.from_env()
+        rows = load_redis(
+            settings.pg_dsn,
+            settings.redis_url,
+            args.snapshot,
+            parse_lsn(args.lsn),
+            args.namespace,
+            progress,
+        )
+    except Exception as exc:  # the worker reports it: the rebuild fails, the live generation stays
+        sys.stderr.write(f"bulk load into Redis namespace {args.namespace} failed: {exc}\n")
+        return 1
+    progress({"rows": rows, "done": True})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -91,6 +91,17 @@ class Backend(Protocol):
         settings: Settings | None = None,
     ) -> None: ...
 
+    def insert_raw(
+        self,
+        table: str,
+        column_names: Sequence[str],
+        fmt: str,
+        data: bytes,
+        settings: Settings | None = None,
+    ) -> None:
+        """Insert rows already encoded in ClickHouse input format `fmt` (whole rows)."""
+        ...
+
     def exchange_tables(self, pairs: Sequence[tuple[str, str]]) -> None:
         """Swap each pair of (qualified) table names: one switch, as far as readers can tell."""
         ...
@@ -415,6 +426,26 @@ class ChdbBackend:
                     f"insert into {table} ({len(rows)} rows) failed: {exc}"
                 ) from None
 
+    def insert_raw(
+        self,
+        table: str,
+        column_names: Sequence[str],
+        fmt: str,
+        data: bytes,
+        settings: Settings | None = None,
+    ) -> None:
+        statement = f"INSERT INTO {table} ({', '.join(column_names)})"
+        if settings:
+            statement += f" SETTINGS {render_settings(settings)}"
+        with self._lock:
+            try:
+                inserter = self._conn.send_insert(statement, fmt)
+                with inserter:
+                    inserter.append(data)
+                    inserter.finish()
+            except (self._error, RuntimeError) as exc:
+                raise BackendError(f"insert into {table} ({fmt}) failed: {exc}") from None
+
     def _run(self, conn: Any, sql: str, params: Params | None, fmt: str = "CSV") -> bytes:
         try:
             result = conn.query(sql, fmt, params=dict(params) if params else None)
@@ -519,6 +550,21 @@ class ServerBackend:
             raise BackendError(
                 f"insert into {table} ({len(rows)} rows) failed: {self._scrub(exc)}"
             ) from None
+
+    def insert_raw(
+        self,
+        table: str,
+        column_names: Sequence[str],
+        fmt: str,
+        data: bytes,
+        settings: Settings | None = None,
+    ) -> None:
+        try:
+            self._client.raw_insert(
+                table, column_names=list(column_names), insert_block=data, settings=dict(settings or {}), fmt=fmt
+            )
+        except Exception as exc:
+            raise BackendError(f"insert into {table} ({fmt}) failed: {self._scrub(exc)}") from None
 
     def close(self) -> None:
         self._client.close()

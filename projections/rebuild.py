@@ -33,15 +33,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from confluent_kafka import Consumer, TopicPartition
 
 from cdc.events import DomainEvent, Watermark, decode_record
-from projections.bulk_load import ClickHouseLoad, PostgresSnapshot, RedisLoad, tables_for
+from projections.bulk_load import ClickHouseLoad, PostgresSnapshot, Session, tables_for
 from projections.positions import Position, PositionKey
 
 __all__ = ["Rebuilder", "current_namespace", "generation_pointer"]
@@ -146,43 +148,27 @@ class Rebuilder:
 
     async def _bulk_load(self, state: RebuildState, targets: dict[str, Any]) -> None:
         """Fill the new generations from one consistent snapshot of Postgres
-        (projections/bulk_load.py): each chunk read goes to every target, each
-        target writes on a thread of its own, in order, while the next chunk is read."""
+        (projections/bulk_load.py), every projection at once: Redis in a process of its
+        own, ClickHouse on the chdb writer thread."""
         snapshot = PostgresSnapshot(self.runtime.settings.pg_dsn)
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
-            lsn = await asyncio.to_thread(snapshot.open, tables_for(list(targets)))
-            state.total += await asyncio.to_thread(snapshot.estimate)
+            await asyncio.to_thread(snapshot.open)
             state.steps.append(
                 f"snapshot of Postgres at {snapshot.label} (a temporary slot's exported snapshot)"
             )
-            loaders = [target.bulk_loader(self.runtime, lsn) for target in targets.values()]
-            inflight: list[asyncio.Future[Any]] = []
             try:
-                for table in snapshot.tables:
-                    rows = snapshot.read(table)
-                    while (chunk := await asyncio.to_thread(next, rows, None)) is not None:
-                        inflight.append(asyncio.gather(*(
-                            loop.run_in_executor(executor, load, table, chunk) for executor, load, _ in loaders
-                        )))  # fmt: skip
-                        if len(inflight) > 2:  # bounded: at most three chunks in memory
-                            await inflight.pop(0)
-                        state.done += len(chunk)
-                        state.loaded += len(chunk)
-                while inflight:
-                    await inflight.pop(0)
-                for executor, _, finish in loaders:
-                    await loop.run_in_executor(executor, finish)
-            finally:
-                await asyncio.gather(*inflight, return_exceptions=True)
-                for target in targets.values():
-                    target.bulk_done()
+                async with asyncio.TaskGroup() as group:
+                    for target in targets.values():
+                        group.create_task(target.bulk_load(self.runtime, snapshot, state))
+            except ExceptionGroup as failed:  # the first failure says what went wrong
+                raise failed.exceptions[0] from None
         finally:
             await asyncio.to_thread(snapshot.close)
         state.load_s = time.monotonic() - started
         state.steps.append(
-            f"{state.loaded:,} rows loaded from the snapshot in {state.load_s:.1f} s; catching up from the topics"
+            f"{state.loaded:,} rows loaded from the snapshot in {state.load_s:.1f} s "
+            "(summed over the projections); catching up from the topics"
         )
 
     # ---- generations
@@ -347,26 +333,39 @@ class _RedisTarget:
         self.namespace = namespace
         self.label = f"Redis namespace {namespace}"
         self.old: str | None = None
-        self._bulk: tuple[ThreadPoolExecutor, Any, RedisLoad] | None = None
 
-    def bulk_loader(self, runtime: Any, lsn: int) -> tuple[ThreadPoolExecutor, Any, Any]:
-        """(executor, load(table, rows), finish()) of the bulk load: a thread and a
-        synchronous connection of its own (pipelines of plain commands)."""
-        import redis
-
-        client = redis.Redis.from_url(runtime.settings.redis_url)
-        executor = ThreadPoolExecutor(1, thread_name_prefix="rebuild-redis")
-        load = RedisLoad(client, self.namespace, lsn)
-        self._bulk = (executor, client, load)
-        return executor, load.load, load.finish
-
-    def bulk_done(self) -> None:
-        if self._bulk is not None:
-            executor, client, load = self._bulk
-            executor.shutdown(wait=True)
-            load.close()
-            client.close()
-            self._bulk = None
+    async def bulk_load(
+        self, runtime: Any, snapshot: PostgresSnapshot, state: RebuildState
+    ) -> None:
+        """The snapshot's rows into the new namespace, by ``python -m projections.bulk_load``:
+        a process of its own, so the worker's interpreter stays free for the live
+        pipelines and the API. Its progress lines feed the rebuild's counts."""
+        settings = runtime.settings
+        env = {**os.environ, "PG_DSN": settings.pg_dsn, "REDIS_URL": settings.redis_url}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "projections.bulk_load", "redis", "--snapshot", snapshot.name,
+            "--lsn", snapshot.label, "--namespace", self.namespace,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        errors = asyncio.ensure_future(proc.stderr.read())
+        rows = 0
+        try:
+            async for line in proc.stdout:
+                message = orjson.loads(line)
+                state.total += message.get("total", 0)
+                if "rows" in message:
+                    state.done += message["rows"] - rows
+                    state.loaded += message["rows"] - rows
+                    rows = message["rows"]
+            code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        text = (await errors).decode(errors="replace").strip()
+        if code != 0:
+            raise RuntimeError(text[-2000:] or f"the Redis bulk load exited with {code}")
 
     async def apply(
         self, events: list[DomainEvent], positions: dict[PositionKey, Position]
@@ -406,14 +405,40 @@ class _ClickHouseTarget:
         if keep_events:
             self.label += " (events: the live table kept)"
 
-    def bulk_loader(self, runtime: Any, lsn: int) -> tuple[Any, Any, Any]:
-        """(executor, load(table, rows), finish()) of the bulk load: the live sink's
-        writer thread (one thread writes to chdb at a time)."""
-        load = ClickHouseLoad(self.sink, lsn)
-        return self.adapter._writer, load.load, lambda: None
-
-    def bulk_done(self) -> None:
-        pass
+    async def bulk_load(
+        self, runtime: Any, snapshot: PostgresSnapshot, state: RebuildState
+    ) -> None:
+        """The snapshot's rows into the new tables: Postgres' COPY text, in blocks,
+        inserted on the live sink's writer thread (one thread writes to chdb at a time;
+        a live batch waits for one block at most) while the next block is read."""
+        loop = asyncio.get_running_loop()
+        load = ClickHouseLoad(self.sink, snapshot.lsn)
+        session = await asyncio.to_thread(
+            Session,
+            runtime.settings.pg_dsn,
+            snapshot.name,
+            snapshot.lsn,
+            tables_for(["clickhouse"]),
+        )
+        inflight: list[asyncio.Future[None]] = []
+        try:
+            state.total += await asyncio.to_thread(session.estimate)
+            for table in session.tables:
+                blocks = load.blocks(session, table)
+                while (block := await asyncio.to_thread(next, blocks, None)) is not None:
+                    inflight.append(
+                        loop.run_in_executor(self.adapter._writer, load.insert, table, block)
+                    )
+                    if len(inflight) > 1:
+                        await inflight.pop(0)
+                    rows = block.count(b"\n")  # COPY text escapes newlines inside values
+                    state.done += rows
+                    state.loaded += rows
+            while inflight:
+                await inflight.pop(0)
+        finally:
+            await asyncio.gather(*inflight, return_exceptions=True)
+            await asyncio.to_thread(session.close)
 
     async def apply(
         self, events: list[DomainEvent], positions: dict[PositionKey, Position]
