@@ -704,7 +704,11 @@ class Pipeline(Service):
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
             max_poll_interval_ms=600_000,
-            fetch_max_wait_ms=100,
+            # the broker answers a fetch once it has 32 kB for it, or after 25 ms: with
+            # min 1 byte, a trickle of records (cdc's watermarks alone) made hundreds of
+            # fetches a second per consumer, each costing the worker and the broker CPU
+            fetch_min_bytes=32 * 1024,
+            fetch_max_wait_ms=25,
             # a loaded 2-core machine can starve the heartbeat for seconds; a rebalance is
             # harmless (the store's positions decide) but costs a re-read
             session_timeout_ms=30_000,

@@ -2,7 +2,7 @@
 
 - Under live writer load, through the real pipeline (writer -> Postgres ->
   ``python -m cdc run`` -> Kafka -> worker), first from the topics, then from a
-  fresh incremental snapshot of the capture (on top of the first rebuild's
+  fresh snapshot of Postgres, bulk loaded (on top of the first rebuild's
   generation): no read fails and no watermark or order count goes backwards
   during the switch, the old generation is dropped, and once the load stops
   and the pipeline caught up the verifier (projections/verify.py, against
