@@ -381,7 +381,11 @@ def main() -> None:
     args = parser.parse_args()
 
     # SIGTERM ends the run like Ctrl-C: through the cleanup
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    def stop(*_: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup short
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, stop)
     bench = Bench(args)
     load_avg = [os.getloadavg()[0]]
     try:

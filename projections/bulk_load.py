@@ -65,9 +65,12 @@ __all__ = [
     "tables_for",
 ]
 
-# Payments before orders (an order's hash carries its net paid), orders before
-# customers (a customer's hash carries the counts and spend of its orders).
 READ_ORDER: Final = ("payments", "order_items", "orders", "customers", "products")
+# The Redis views are loaded in two parts, by two processes at once: an order's
+# child rows (its payments and items: fields of its hash), and the owners (the
+# orders, then the customers, whose hashes carry the counts, spend and recent
+# orders of their orders; an order's net paid comes from Postgres' own sum).
+REDIS_PARTS: Final = {"children": ("payments", "order_items"), "owners": ("orders", "customers")}
 _TABLES: Final = {
     "redis": frozenset(("payments", "order_items", "orders", "customers")),
     "clickhouse": frozenset(CLICKHOUSE_TABLES),
@@ -168,6 +171,21 @@ class Session:
             conn.close()
             raise
 
+    def net_paid(self) -> dict[str, int]:
+        """Order id -> its payments' sum in cents, captures minus refunds (what the Redis
+        views keep in an order's ``@paid``), summed by Postgres inside the snapshot."""
+        found = table_infos(self.reader.conn, "public", ("payments",))
+        if not found:
+            return {}
+        info = found[0]
+        rows = self.reader.conn.execute(
+            sql.SQL(
+                "SELECT order_id::text, sum(CASE WHEN kind = 'refund' THEN -amount ELSE amount END)::text"
+                " FROM {} WHERE order_id IS NOT NULL GROUP BY order_id"
+            ).format(sql.Identifier(info.schema, info.name))
+        ).fetchall()
+        return {str(oid): _cents(str(total)) for oid, total in rows}
+
     def estimate(self) -> int:
         """Rows the tables hold (the planner's estimate): a progress bar's total."""
         return sum(self.reader.count(t) for t in self.tables.values())
@@ -260,7 +278,7 @@ class RedisLoad:
         self.client = client  # a synchronous redis.Redis: this runs in a thread of its own
         self.ns = namespace
         self.rv = f"{snapshot_version(lsn):025d}{0:010d}"
-        self.paid: dict[str, int] = {}  # order id -> net payments in cents
+        self.paid: dict[str, int] = {}  # order id -> net payments in cents (Session.net_paid)
         self.customers: dict[str, _Customer] = {}
         self.commands = 0
         self._conn: Any = None
@@ -317,7 +335,7 @@ class RedisLoad:
             pipe.append(pack_command(("SADD", f"{ns}:orders", *groups)))
 
     def _payments(self, pipe: list[bytes], changes: list[RowChange]) -> None:
-        rv, paid = self.rv, self.paid
+        rv = self.rv
         groups: dict[str, list[str]] = {}
         for change in changes:
             row = change.after or {}
@@ -328,7 +346,6 @@ class RedisLoad:
             cents = _cents(row.get("amount", "0"))
             if row.get("kind") == "refund":
                 cents = -cents
-            paid[oid] = paid.get(oid, 0) + cents
             fields = groups.get(oid)
             if fields is None:
                 fields = groups[oid] = []
@@ -447,17 +464,21 @@ def load_redis(
     snapshot: str,
     lsn: int,
     namespace: str,
+    part: str,
     progress: Callable[[dict[str, Any]], None],
 ) -> int:
-    """Read the Redis views' tables inside `snapshot` and write them into `namespace`;
-    returns the rows loaded. `progress` gets {"total": estimate} first, then {"rows": n}."""
+    """Read the tables of one part of the Redis views (REDIS_PARTS) inside `snapshot` and
+    write them into `namespace`; returns the rows loaded. `progress` gets
+    {"total": estimate} first, then {"rows": n} as it goes."""
     import redis
 
-    session = Session(dsn, snapshot, lsn, tables_for(["redis"]))
+    session = Session(dsn, snapshot, lsn, list(REDIS_PARTS[part]))
     client = redis.Redis.from_url(redis_url)
     load = RedisLoad(client, namespace, lsn)
     try:
         progress({"total": session.estimate()})
+        if part == "owners":
+            load.paid = session.net_paid()
         rows = 0
         for table in session.tables:
             for chunk in session.read(table):
@@ -473,9 +494,10 @@ def load_redis(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m projections.bulk_load redis --snapshot S --lsn X/Y --namespace NS``: the
-    Redis half of a rebuild's bulk load, run by the worker in a process of its own (its
-    own interpreter lock: the worker keeps serving and applying meanwhile). Settings
+    """``python -m projections.bulk_load redis --part P --snapshot S --lsn X/Y --namespace NS``:
+    one part of the Redis side of a rebuild's bulk load, run by the worker in a process
+    of its own (an interpreter lock of its own: the worker keeps serving and applying
+    meanwhile, and the two parts run at once). Settings
     come from the environment (PG_DSN, REDIS_URL); progress goes to stdout as JSON
     lines, an error to stderr with exit code 1."""
     import argparse
@@ -485,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m projections.bulk_load")
     parser.add_argument("projection", choices=["redis"])
+    parser.add_argument(
+        "--part", required=True, choices=sorted(REDIS_PARTS), help="which tables (see REDIS_PARTS)"
+    )
     parser.add_argument("--snapshot", required=True, help="the exported snapshot's name")
     parser.add_argument("--lsn", required=True, help="its consistent point, e.g. 3/86665598")
     parser.add_argument("--namespace", required=True, help="the new generation's Redis namespace")
@@ -502,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             args.snapshot,
             parse_lsn(args.lsn),
             args.namespace,
+            args.part,
             progress,
         )
     except Exception as exc:  # the worker reports it: the rebuild fails, the live generation stays

@@ -43,7 +43,7 @@ import orjson
 from confluent_kafka import Consumer, TopicPartition
 
 from cdc.events import DomainEvent, Watermark, decode_record
-from projections.bulk_load import ClickHouseLoad, PostgresSnapshot, Session, tables_for
+from projections.bulk_load import REDIS_PARTS, ClickHouseLoad, PostgresSnapshot, Session, tables_for
 from projections.positions import Position, PositionKey
 
 __all__ = ["Rebuilder", "current_namespace", "generation_pointer"]
@@ -337,14 +337,21 @@ class _RedisTarget:
     async def bulk_load(
         self, runtime: Any, snapshot: PostgresSnapshot, state: RebuildState
     ) -> None:
-        """The snapshot's rows into the new namespace, by ``python -m projections.bulk_load``:
-        a process of its own, so the worker's interpreter stays free for the live
-        pipelines and the API. Its progress lines feed the rebuild's counts."""
+        """The snapshot's rows into the new namespace, by ``python -m projections.bulk_load``,
+        one process per part (REDIS_PARTS): the worker's interpreter stays free for the
+        live pipelines and the API. Their progress lines feed the rebuild's counts."""
+        async with asyncio.TaskGroup() as group:
+            for part in REDIS_PARTS:
+                group.create_task(self._load_part(runtime, snapshot, state, part))
+
+    async def _load_part(
+        self, runtime: Any, snapshot: PostgresSnapshot, state: RebuildState, part: str
+    ) -> None:
         settings = runtime.settings
         env = {**os.environ, "PG_DSN": settings.pg_dsn, "REDIS_URL": settings.redis_url}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "projections.bulk_load", "redis", "--snapshot", snapshot.name,
-            "--lsn", snapshot.label, "--namespace", self.namespace,
+            sys.executable, "-m", "projections.bulk_load", "redis", "--part", part,
+            "--snapshot", snapshot.name, "--lsn", snapshot.label, "--namespace", self.namespace,
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert proc.stdout is not None and proc.stderr is not None
@@ -365,7 +372,7 @@ class _RedisTarget:
                 await proc.wait()
         text = (await errors).decode(errors="replace").strip()
         if code != 0:
-            raise RuntimeError(text[-2000:] or f"the Redis bulk load exited with {code}")
+            raise RuntimeError(text[-2000:] or f"the Redis bulk load ({part}) exited with {code}")
 
     async def apply(
         self, events: list[DomainEvent], positions: dict[PositionKey, Position]
