@@ -73,25 +73,34 @@ class SnapshotReader:
         return int(row[0]) if row else 0
 
     def chunks(
-        self, table: TableInfo, after_key: list[str] | None = None, limit_chunks: int | None = None
+        self,
+        table: TableInfo,
+        after_key: list[str] | None = None,
+        limit_chunks: int | None = None,
+        until_key: list[str] | None = None,
     ) -> Iterator[list[RowChange]]:
         """Yield the table's rows in key order, ``chunk`` rows at a time (keyset
-        pagination: each chunk is one indexed range scan, whatever the table size).
+        pagination: each chunk is one indexed range scan, whatever the table size),
+        after ``after_key`` and up to ``until_key`` (included) when given.
         ``last_key`` holds the key (as text) of the newest row yielded."""
         ident = sql.Identifier(table.schema, table.name)
         if not table.key:
             yield from self._scan_without_key(table, ident)
             return
         keys = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
-        first = sql.SQL("select * from {} order by {} limit {}").format(ident, keys, sql.Literal(self.chunk))
         holes = sql.SQL(", ").join(sql.Placeholder() * len(table.key))
-        nxt = sql.SQL("select * from {} where ({}) > ({}) order by {} limit {}").format(
-            ident, keys, holes, keys, sql.Literal(self.chunk)
+        bound = sql.SQL(" and ({}) <= ({})").format(keys, holes) if until_key is not None else sql.SQL("")
+        first = sql.SQL("select * from {} where true{} order by {} limit {}").format(
+            ident, bound, keys, sql.Literal(self.chunk)
         )
+        nxt = sql.SQL("select * from {} where ({}) > ({}){} order by {} limit {}").format(
+            ident, keys, holes, bound, keys, sql.Literal(self.chunk)
+        )
+        until = list(until_key or [])
         last = after_key
         done = 0
         while limit_chunks is None or done < limit_chunks:
-            cur = self.conn.execute(first) if last is None else self.conn.execute(nxt, last)
+            cur = self.conn.execute(first, until) if last is None else self.conn.execute(nxt, [*last, *until])
             rows, last = self._changes(table, cur)
             self.last_key = last
             done += 1

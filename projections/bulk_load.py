@@ -66,11 +66,18 @@ __all__ = [
 ]
 
 READ_ORDER: Final = ("payments", "order_items", "orders", "customers", "products")
-# The Redis views are loaded in two parts, by two processes at once: an order's
-# child rows (its payments and items: fields of its hash), and the owners (the
-# orders, then the customers, whose hashes carry the counts, spend and recent
-# orders of their orders; an order's net paid comes from Postgres' own sum).
-REDIS_PARTS: Final = {"children": ("payments", "order_items"), "owners": ("orders", "customers")}
+# The Redis views are loaded in two parts, by two processes at once: "rows" takes
+# the payments, items and customers rows and the orders after a split key,
+# "orders" the orders up to it (orders cost the most to read and write: the
+# split key leaves 25 % of them to "rows", SPLIT, which balances the two parts). Each writes fields of its own or commutes: a
+# customer's counts and spend are HINCRBY, its recent orders ZADD (trimmed to
+# RECENT once both are done: trim_recent), its last activity ZADD GT; an
+# order's net paid is summed by Postgres (Session.net_paid).
+REDIS_PARTS: Final = {
+    "rows": ("payments", "order_items", "customers", "orders"),
+    "orders": ("orders",),
+}
+SPLIT: Final = 0.75
 _TABLES: Final = {
     "redis": frozenset(("payments", "order_items", "orders", "customers")),
     "clickhouse": frozenset(CLICKHOUSE_TABLES),
@@ -190,10 +197,26 @@ class Session:
         """Rows the tables hold (the planner's estimate): a progress bar's total."""
         return sum(self.reader.count(t) for t in self.tables.values())
 
-    def read(self, table: str) -> Iterator[list[RowChange]]:
-        """The table's rows as ``op=r`` row changes, in key order, in chunks."""
+    def read(
+        self, table: str, after: list[str] | None = None, until: list[str] | None = None
+    ) -> Iterator[list[RowChange]]:
+        """The table's rows as ``op=r`` row changes, in key order, in chunks; keys after
+        `after` and up to `until` when given."""
         if table in self.tables:
-            yield from self.reader.chunks(self.tables[table])
+            yield from self.reader.chunks(self.tables[table], after, until_key=until)
+
+    def split_key(self, table: str, fraction: float) -> str | None:
+        """The key (a one-column key, as text) below which `fraction` of the table's rows lie."""
+        info = self.tables.get(table)
+        if info is None or len(info.key) != 1:
+            return None
+        row = self.reader.conn.execute(
+            sql.SQL("SELECT (percentile_disc(%s) WITHIN GROUP (ORDER BY {}))::text FROM {}").format(
+                sql.Identifier(info.key[0]), sql.Identifier(info.schema, info.name)
+            ),
+            (fraction,),
+        ).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
 
     def copy(self, table: str, columns: tuple[str, ...], tail: tuple[int, ...]) -> Iterator[bytes]:
         """The table's `columns` then the constants `tail`, in Postgres' COPY text format
@@ -418,9 +441,12 @@ class RedisLoad:
                 continue
             cid = _id(row["id"])
             ids.append(cid)
-            view = self.customers.pop(cid, None) or _Customer()
+            # the customer's own row; what its orders add up to is written by the
+            # orders' part (finish): other fields of the same hash, and ZADD GT keeps
+            # the newer of the two activities
+            view = _Customer()
             act = _micros(row.get("updated_at"))
-            if act and int(act) > view.act:
+            if act:
                 view.act = int(act)
             self._customer_view(pipe, cid, view, ["@v", rv, "@row", dumps(row).decode()])
         if ids:
@@ -430,12 +456,14 @@ class RedisLoad:
         self, pipe: list[bytes], cid: str, view: _Customer, fields: list[str]
     ) -> None:
         ns = self.ns
-        for status, n in view.counts.items():
-            fields += (f"@n:{status}", str(n))
-        for currency, cents in view.spend.items():
-            fields += (f"@spend:{currency}", str(cents))
+        key = f"{ns}:user:{cid}"
         if fields:
-            pipe.append(pack_command(("HSET", f"{ns}:user:{cid}", *fields)))
+            pipe.append(pack_command(("HSET", key, *fields)))
+        # sums over orders that two processes load: added, not set
+        for status, n in view.counts.items():
+            pipe.append(pack_command(("HINCRBY", key, f"@n:{status}", n)))
+        for currency, cents in view.spend.items():
+            pipe.append(pack_command(("HINCRBY", key, f"@spend:{currency}", cents)))
         if view.recent:
             args: list[Any] = []
             for score, member in view.recent:
@@ -445,7 +473,7 @@ class RedisLoad:
             pipe.append(pack_command(("ZADD", f"{ns}:last", "GT", view.act, cid)))
 
     def finish(self) -> None:
-        """The customers with orders but no customers row (no foreign key held them)."""
+        """What the orders add up to, per customer: counts, spend, recent orders, last activity."""
         pipe: list[bytes] = []
         ids = list(self.customers)
         for cid, view in self.customers.items():
@@ -465,10 +493,12 @@ def load_redis(
     lsn: int,
     namespace: str,
     part: str,
+    split: str | None,
     progress: Callable[[dict[str, Any]], None],
 ) -> int:
     """Read the tables of one part of the Redis views (REDIS_PARTS) inside `snapshot` and
-    write them into `namespace`; returns the rows loaded. `progress` gets
+    write them into `namespace`; returns the rows loaded. `split`: the orders key
+    between the parts (None: the "orders" part takes every order). `progress` gets
     {"total": estimate} first, then {"rows": n} as it goes."""
     import redis
 
@@ -476,12 +506,19 @@ def load_redis(
     client = redis.Redis.from_url(redis_url)
     load = RedisLoad(client, namespace, lsn)
     try:
-        progress({"total": session.estimate()})
-        if part == "owners":
-            load.paid = session.net_paid()
+        progress({"total": session.estimate() if part == "rows" else 0})
+        load.paid = session.net_paid()
         rows = 0
         for table in session.tables:
-            for chunk in session.read(table):
+            after: list[str] | None = None
+            until: list[str] | None = None
+            if table == "orders" and part == "rows":  # the orders after the split
+                if split is None:
+                    continue
+                after = [split]
+            elif table == "orders" and split is not None:  # the orders up to it
+                until = [split]
+            for chunk in session.read(table, after, until):
                 load.load(table, chunk)
                 rows += len(chunk)
                 progress({"rows": rows})
@@ -491,6 +528,25 @@ def load_redis(
         load.close()
         client.close()
         session.close()
+
+
+def trim_recent(client: Any, namespace: str) -> None:
+    """Cut every customer's recent orders to the newest RECENT, once both parts are done
+    (each added the recent orders of its own share of the orders)."""
+    batch: list[Any] = []
+    for cid in client.sscan_iter(f"{namespace}:users", count=5000):
+        batch.append(cid.decode() if isinstance(cid, bytes) else cid)
+        if len(batch) >= 5000:
+            _trim(client, namespace, batch)
+            batch = []
+    _trim(client, namespace, batch)
+
+
+def _trim(client: Any, namespace: str, ids: list[str]) -> None:
+    pipe = client.pipeline(transaction=False)
+    for cid in ids:
+        pipe.zremrangebyrank(f"{namespace}:user:{cid}:recent", 0, -(RECENT + 1))
+    pipe.execute()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -510,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--part", required=True, choices=sorted(REDIS_PARTS), help="which tables (see REDIS_PARTS)"
     )
+    parser.add_argument("--split", default=None, help="the orders key between the parts")
     parser.add_argument("--snapshot", required=True, help="the exported snapshot's name")
     parser.add_argument("--lsn", required=True, help="its consistent point, e.g. 3/86665598")
     parser.add_argument("--namespace", required=True, help="the new generation's Redis namespace")
@@ -528,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_lsn(args.lsn),
             args.namespace,
             args.part,
+            args.split,
             progress,
         )
     except Exception as exc:  # the worker reports it: the rebuild fails, the live generation stays

@@ -40,10 +40,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import redis
 from confluent_kafka import Consumer, TopicPartition
 
 from cdc.events import DomainEvent, Watermark, decode_record
-from projections.bulk_load import REDIS_PARTS, ClickHouseLoad, PostgresSnapshot, Session, tables_for
+from projections.bulk_load import (
+    REDIS_PARTS,
+    SPLIT,
+    ClickHouseLoad,
+    PostgresSnapshot,
+    Session,
+    tables_for,
+    trim_recent,
+)
 from projections.positions import Position, PositionKey
 
 __all__ = ["Rebuilder", "current_namespace", "generation_pointer"]
@@ -340,18 +349,38 @@ class _RedisTarget:
         """The snapshot's rows into the new namespace, by ``python -m projections.bulk_load``,
         one process per part (REDIS_PARTS): the worker's interpreter stays free for the
         live pipelines and the API. Their progress lines feed the rebuild's counts."""
+        split = await asyncio.to_thread(self._split, runtime, snapshot)
         async with asyncio.TaskGroup() as group:
             for part in REDIS_PARTS:
-                group.create_task(self._load_part(runtime, snapshot, state, part))
+                group.create_task(self._load_part(runtime, snapshot, state, part, split))
+        client = redis.Redis.from_url(runtime.settings.redis_url)
+        try:
+            await asyncio.to_thread(trim_recent, client, self.namespace)
+        finally:
+            client.close()
+
+    @staticmethod
+    def _split(runtime: Any, snapshot: PostgresSnapshot) -> str | None:
+        session = Session(runtime.settings.pg_dsn, snapshot.name, snapshot.lsn, ["orders"])
+        try:
+            return session.split_key("orders", SPLIT)
+        finally:
+            session.close()
 
     async def _load_part(
-        self, runtime: Any, snapshot: PostgresSnapshot, state: RebuildState, part: str
+        self,
+        runtime: Any,
+        snapshot: PostgresSnapshot,
+        state: RebuildState,
+        part: str,
+        split: str | None,
     ) -> None:
         settings = runtime.settings
         env = {**os.environ, "PG_DSN": settings.pg_dsn, "REDIS_URL": settings.redis_url}
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "projections.bulk_load", "redis", "--part", part,
             "--snapshot", snapshot.name, "--lsn", snapshot.label, "--namespace", self.namespace,
+            *(("--split", split) if split is not None else ()),
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert proc.stdout is not None and proc.stderr is not None
