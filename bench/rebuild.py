@@ -110,6 +110,29 @@ def row_changes(dsn: str) -> int:
     return int(row[0]) if row else 0
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far, by kind of process (its own and its waited-for children's:
+    the worker's bulk-load processes, Postgres' finished backends), over every process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        kind = next((k for k, marker in (
+            ("worker (with its bulk-load processes)", "projections worker"), ("cdc", "-m cdc run"),
+            ("writer", "-m writer load"), ("redis", "redis-"), ("kafka", "kafka.Kafka"),
+            ("postgres", "postgres"), ("rebuild CLI", "projections rebuild"),
+        ) if marker in cmd), None)  # fmt: skip
+        if kind is not None:
+            out[kind] = out.get(kind, 0.0) + sum(int(f) for f in fields[11:15]) / tick
+    return out
+
+
 def current_lsn(dsn: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
@@ -412,7 +435,10 @@ def main() -> None:
         changes_1, t_1 = row_changes(bench.dsn), time.monotonic()
         load_avg.append(os.getloadavg()[0])
         log("rebuild all --source snapshot")
+        cpu_0 = cpu_seconds()
         seconds, state, code = bench.rebuild()
+        cpu_1 = cpu_seconds()
+        cpu = {k: round(cpu_1[k] - cpu_0.get(k, 0.0), 1) for k in sorted(cpu_1, key=lambda k: -(cpu_1[k] - cpu_0.get(k, 0.0)))}
         changes_2, t_2 = row_changes(bench.dsn), time.monotonic()
         watch.stop.set()
         watch.join(10)
@@ -475,6 +501,8 @@ def main() -> None:
             "latency_ms_p99": summary.get("latency_ms", {}).get("p99"),
             "failures": summary.get("failures"),
         },
+        # CPU seconds during the rebuild, by kind of process (2 cores: at most 2 x seconds)
+        "cpu_s_during_rebuild": cpu,
         "live_during_rebuild": {
             "max_lag_seconds": {k: round(v, 2) for k, v in watch.max_lag_s.items()},
             "max_lag_bytes": watch.max_lag_bytes,

@@ -355,7 +355,11 @@ class _RedisTarget:
                 group.create_task(self._load_part(runtime, snapshot, state, part, split))
         client = redis.Redis.from_url(runtime.settings.redis_url)
         try:
+            started = time.monotonic()
             await asyncio.to_thread(trim_recent, client, self.namespace)
+            state.steps.append(
+                f"redis: recent orders trimmed in {time.monotonic() - started:.1f} s"
+            )
         finally:
             client.close()
 
@@ -386,6 +390,7 @@ class _RedisTarget:
         assert proc.stdout is not None and proc.stderr is not None
         errors = asyncio.ensure_future(proc.stderr.read())
         rows = 0
+        started = time.monotonic()
         try:
             async for line in proc.stdout:
                 message = orjson.loads(line)
@@ -402,6 +407,7 @@ class _RedisTarget:
         text = (await errors).decode(errors="replace").strip()
         if code != 0:
             raise RuntimeError(text[-2000:] or f"the Redis bulk load ({part}) exited with {code}")
+        state.steps.append(f"redis ({part}): {rows:,} rows in {time.monotonic() - started:.1f} s")
 
     async def apply(
         self, events: list[DomainEvent], positions: dict[PositionKey, Position]
@@ -448,6 +454,7 @@ class _ClickHouseTarget:
         inserted on the live sink's writer thread (one thread writes to chdb at a time;
         a live batch waits for one block at most) while the next block is read."""
         loop = asyncio.get_running_loop()
+        started, loaded = time.monotonic(), 0
         load = ClickHouseLoad(self.sink, snapshot.lsn)
         session = await asyncio.to_thread(
             Session,
@@ -470,11 +477,13 @@ class _ClickHouseTarget:
                     rows = block.count(b"\n")  # COPY text escapes newlines inside values
                     state.done += rows
                     state.loaded += rows
+                    loaded += rows
             while inflight:
                 await inflight.pop(0)
         finally:
             await asyncio.gather(*inflight, return_exceptions=True)
             await asyncio.to_thread(session.close)
+        state.steps.append(f"clickhouse: {loaded:,} rows in {time.monotonic() - started:.1f} s")
 
     async def apply(
         self, events: list[DomainEvent], positions: dict[PositionKey, Position]
