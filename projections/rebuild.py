@@ -282,8 +282,8 @@ class Rebuilder:
                 )
                 state.done += n
                 if n:
-                    for target in pending.values():
-                        await target.apply(events, touched)
+                    # Redis executes its script while chdb inserts: both at once
+                    await asyncio.gather(*(t.apply(events, touched) for t in pending.values()))
                 for name in list(pending):
                     if await self._maybe_switch(
                         state, name, pending, positions, consumer, upcasters
@@ -321,8 +321,7 @@ class Rebuilder:
                     self._read, consumer, positions, upcasters, state
                 )
                 if n:
-                    for building in pending.values():
-                        await building.apply(events, touched)
+                    await asyncio.gather(*(b.apply(events, touched) for b in pending.values()))
                 state.done += n
             # every partition gets a stored position, even those with nothing new
             await target.apply([], dict(positions))
