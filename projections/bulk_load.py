@@ -590,7 +590,10 @@ def main(argv: list[str] | None = None) -> int:
             progress,
         )
     except Exception as exc:  # the worker reports it: the rebuild fails, the live generation stays
-        sys.stderr.write(f"bulk load into Redis namespace {args.namespace} failed: {exc}\n")
+        sys.stderr.write(
+            f"bulk load ({args.part}) into Redis namespace {args.namespace} failed: "
+            f"{type(exc).__name__}: {exc}\n"
+        )
         return 1
     progress({"rows": rows, "done": True})
     return 0

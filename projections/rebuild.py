@@ -62,6 +62,13 @@ log = logging.getLogger("projections.rebuild")
 _SKIPS_LOGGED = 20
 
 
+def _first(error: BaseException) -> BaseException:
+    """The first failure inside (nested) exception groups of task groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 def generation_pointer(base: str) -> str:
     return f"{base}@generation"
 
@@ -171,7 +178,7 @@ class Rebuilder:
                     for target in targets.values():
                         group.create_task(target.bulk_load(self.runtime, snapshot, state))
             except ExceptionGroup as failed:  # the first failure says what went wrong
-                raise failed.exceptions[0] from None
+                raise _first(failed) from None
         finally:
             await asyncio.to_thread(snapshot.close)
         state.load_s = time.monotonic() - started
