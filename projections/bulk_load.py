@@ -82,6 +82,7 @@ _TABLES: Final = {
     "redis": frozenset(("payments", "order_items", "orders", "customers")),
     "clickhouse": frozenset(CLICKHOUSE_TABLES),
 }
+_SEND_COMMANDS: Final = 20_000  # Redis commands written at once (finish() has ~500k)
 _BLOCK_BYTES: Final = 16 << 20  # COPY text handed to ClickHouse at a time
 # hiredis' own stub types the command as a 1-tuple
 pack_command: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command
@@ -178,18 +179,28 @@ class Session:
             conn.close()
             raise
 
-    def net_paid(self) -> dict[str, int]:
+    def net_paid(self, after: str | None = None, until: str | None = None) -> dict[str, int]:
         """Order id -> its payments' sum in cents, captures minus refunds (what the Redis
-        views keep in an order's ``@paid``), summed by Postgres inside the snapshot."""
+        views keep in an order's ``@paid``), summed by Postgres inside the snapshot; for
+        the orders after `after` and up to `until` when given."""
         found = table_infos(self.reader.conn, "public", ("payments",))
         if not found:
             return {}
         info = found[0]
+        bounds: list[sql.Composable] = []
+        params: list[str] = []
+        if after is not None:
+            bounds.append(sql.SQL(" AND order_id > %s"))
+            params.append(after)
+        if until is not None:
+            bounds.append(sql.SQL(" AND order_id <= %s"))
+            params.append(until)
         rows = self.reader.conn.execute(
             sql.SQL(
                 "SELECT order_id::text, sum(CASE WHEN kind = 'refund' THEN -amount ELSE amount END)::text"
-                " FROM {} WHERE order_id IS NOT NULL GROUP BY order_id"
-            ).format(sql.Identifier(info.schema, info.name))
+                " FROM {} WHERE order_id IS NOT NULL{} GROUP BY order_id"
+            ).format(sql.Identifier(info.schema, info.name), sql.Composed(bounds)),
+            params,
         ).fetchall()
         return {str(oid): _cents(str(total)) for oid, total in rows}
 
@@ -329,11 +340,14 @@ class RedisLoad:
         conn = self._conn
         if conn is None:
             conn = self._conn = self.client.connection_pool.make_connection()
-        self._replies()
-        if commands:
-            conn.send_packed_command([b"".join(commands)], check_health=False)
-            self._unread = len(commands)
-            self.commands += len(commands)
+        for i in range(0, len(commands), _SEND_COMMANDS):
+            self._replies()
+            part = commands[i : i + _SEND_COMMANDS]
+            conn.send_packed_command([b"".join(part)], check_health=False)
+            self._unread = len(part)
+            self.commands += len(part)
+        if not commands:
+            self._replies()
 
     def _replies(self) -> None:
         while self._unread:
@@ -508,7 +522,6 @@ def load_redis(
     load = RedisLoad(client, namespace, lsn)
     try:
         progress({"total": session.estimate() if part == "rows" else 0})
-        load.paid = session.net_paid()
         rows = 0
         for table in session.tables:
             after: list[str] | None = None
@@ -519,6 +532,10 @@ def load_redis(
                 after = [split]
             elif table == "orders" and split is not None:  # the orders up to it
                 until = [split]
+            if table == "orders":
+                load.paid = session.net_paid(
+                    after[0] if after else None, until[0] if until else None
+                )
             for chunk in session.read(table, after, until):
                 load.load(table, chunk)
                 rows += len(chunk)
