@@ -378,10 +378,7 @@ class RedisLoad:
             cents = _cents(row.get("amount", "0"))
             if row.get("kind") == "refund":
                 cents = -cents
-            fields = groups.get(oid)
-            if fields is None:
-                fields = groups[oid] = []
-            fields += (f"p:{_id(pid)}", f"{rv}|{cents}")
+            groups.setdefault(oid, []).extend((f"p:{_id(pid)}", f"{rv}|{cents}"))
         self._children(pipe, groups)
 
     def _items(self, pipe: list[bytes], changes: list[RowChange]) -> None:
@@ -394,10 +391,7 @@ class RedisLoad:
                 continue
             oid = _id(oid)
             item = {k: v for k, v in row.items() if k != "order_id"}
-            fields = groups.get(oid)
-            if fields is None:
-                fields = groups[oid] = []
-            fields += (f"i:{_id(line)}", f"{rv}|{dumps(item).decode()}")
+            groups.setdefault(oid, []).extend((f"i:{_id(line)}", f"{rv}|{dumps(item).decode()}"))
         self._children(pipe, groups)
 
     def _orders(self, pipe: list[bytes], changes: list[RowChange]) -> None:

@@ -123,6 +123,7 @@ class Rebuilder:
         self.runtime = runtime
         self.state: RebuildState | None = None
         self._task: asyncio.Task[None] | None = None
+        self._drops: set[asyncio.Task[None]] = set()  # old Redis generations being deleted
 
     def start(self, projections: list[str], source: str) -> RebuildState:
         if self.state is not None and self.state.status in ("running", "switching"):
@@ -146,8 +147,9 @@ class Rebuilder:
             start = await asyncio.to_thread(self._start_offsets, state.source)
             if state.source == "snapshot":
                 # after the end offsets were read: every change the snapshot misses is past them
-                await self._bulk_load(state, targets)
-            await self._feed(state, targets, start)
+                await self._from_snapshot(state, targets, start)
+            else:
+                await self._feed(state, targets, start)
             if state.skipped:
                 stages = ", ".join(f"{k}: {v}" for k, v in sorted(state.skipped_by_stage.items()))
                 state.steps.append(
@@ -162,12 +164,32 @@ class Rebuilder:
         finally:
             state.finished = time.time()
 
-    async def _bulk_load(self, state: RebuildState, targets: dict[str, Any]) -> None:
+    async def _from_snapshot(
+        self, state: RebuildState, targets: dict[str, Any], start: dict[PositionKey, tuple[int, int]]
+    ) -> None:
         """Fill the new generations from one consistent snapshot of Postgres
-        (projections/bulk_load.py), every projection at once: Redis in a process of its
-        own, ClickHouse on the chdb writer thread."""
+        (projections/bulk_load.py), every projection at once (Redis in processes of its
+        own, ClickHouse on the chdb writer thread); each then catches up from the topics
+        and is switched in as soon as its own load is done, without waiting for the
+        others (ClickHouse's load is the shorter)."""
         snapshot = PostgresSnapshot(self.runtime.settings.pg_dsn)
         started = time.monotonic()
+        loading = set(targets)
+
+        async def rebuild(name: str, target: Any) -> None:
+            try:
+                await target.bulk_load(self.runtime, snapshot, state)
+            finally:
+                loading.discard(name)
+            if not loading:  # every load is done: the exported snapshot may go
+                await asyncio.to_thread(snapshot.close)
+                state.load_s = time.monotonic() - started
+                state.steps.append(
+                    f"{state.loaded:,} rows loaded from the snapshot in {state.load_s:.1f} s "
+                    "(summed over the projections)"
+                )
+            await self._feed(state, {name: target}, start)
+
         try:
             await asyncio.to_thread(snapshot.open)
             state.steps.append(
@@ -175,17 +197,12 @@ class Rebuilder:
             )
             try:
                 async with asyncio.TaskGroup() as group:
-                    for target in targets.values():
-                        group.create_task(target.bulk_load(self.runtime, snapshot, state))
+                    for name, target in targets.items():
+                        group.create_task(rebuild(name, target))
             except ExceptionGroup as failed:  # the first failure says what went wrong
                 raise _first(failed) from None
         finally:
             await asyncio.to_thread(snapshot.close)
-        state.load_s = time.monotonic() - started
-        state.steps.append(
-            f"{state.loaded:,} rows loaded from the snapshot in {state.load_s:.1f} s "
-            "(summed over the projections); catching up from the topics"
-        )
 
     # ---- generations
 
@@ -336,10 +353,26 @@ class Rebuilder:
             if pipeline.consumer is not None:
                 await pipeline.seek_to_stored(pipeline.consumer.assignment())
         state.steps.append(f"{name}: switched to the new generation ({target.label})")
-        await target.drop_old(self.runtime)
-        state.steps.append(f"{name}: old generation dropped")
+        if target.drop_in_background:
+            # the new generation serves already; deleting millions of old keys is
+            # housekeeping, not part of the rebuild (its step says when it is done)
+            task = asyncio.get_running_loop().create_task(self._drop(state, name, target))
+            self._drops.add(task)
+            task.add_done_callback(self._drops.discard)
+        else:
+            await self._drop(state, name, target)
         state.status = "running"
         return True
+
+    async def _drop(self, state: RebuildState, name: str, target: Any) -> None:
+        started = time.monotonic()
+        try:
+            await target.drop_old(self.runtime)
+        except Exception as exc:  # the new generation serves; what is left is only space
+            log.exception("rebuild %s: dropping the old %s generation failed", state.id, name)
+            state.steps.append(f"{name}: the old generation was not fully dropped ({exc}); {target.leftover}")
+            return
+        state.steps.append(f"{name}: old generation dropped in {time.monotonic() - started:.1f} s")
 
 
 class _RedisTarget:
@@ -348,6 +381,11 @@ class _RedisTarget:
         self.namespace = namespace
         self.label = f"Redis namespace {namespace}"
         self.old: str | None = None
+        self.drop_in_background = True
+
+    @property
+    def leftover(self) -> str:
+        return f"delete the keys matching {self.old}:* by hand"
 
     async def bulk_load(
         self, runtime: Any, snapshot: PostgresSnapshot, state: RebuildState
@@ -449,6 +487,8 @@ class _ClickHouseTarget:
         self.database = database
         self.live = live
         self.keep_events = keep_events
+        self.drop_in_background = False  # one DROP DATABASE; a next rebuild reuses the name
+        self.leftover = f"run DROP DATABASE {database} by hand"
         self.label = f"ClickHouse tables built in {database}, exchanged into {live}"
         if keep_events:
             self.label += " (events: the live table kept)"
