@@ -58,7 +58,7 @@ seconds by process, the verifier's result, and whether the target was met
 (only said for >= 1M orders). Scale down with ``--orders``: ``--orders
 20000`` takes under a minute.
 
-For 1M orders (about 4.1M rows): seeding about 30 s, the rebuild 2.5-3.5
+For 1M orders (about 4.1M rows): seeding about 30 s, the rebuild 2-2.5
 minutes, and the verifier several minutes with a peak of about 12 GB in this
 process (it holds every Postgres row and every view row: 0.3 GB at 20 000
 orders, 0.8 GB at 60 000). ``--skip-verify`` times the rebuild alone;
