@@ -317,9 +317,16 @@ class Rebuilder:
             consumer.close()
 
     def _behind(self, name: str, positions: dict[PositionKey, Position]) -> int:
-        """Records the new generation must still read to reach the live one's positions."""
+        """Records the new generation must still read to reach the live one's positions,
+        plus one for each partition whose watermark is still below the live one's (a
+        generation bulk loaded from a snapshot starts at offsets from before it, with no
+        watermark yet: switched in too early, its watermark would go backwards)."""
         live = self.runtime.pipelines[name].projector.progress.applied
-        return sum(max(0, live[k].offset - positions[k].offset) for k in positions if k in live)
+        return sum(
+            max(0, live[k].offset - positions[k].offset) + (positions[k].watermark < live[k].watermark)
+            for k in positions
+            if k in live
+        )
 
     async def _maybe_switch(
         self,
