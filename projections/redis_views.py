@@ -1,7 +1,8 @@
 """Redis user views: per customer and per order, for the app's point reads.
 
 Python digests a batch of domain events into compact row writes (one op per
-row change in the events' ``changes``); one Lua script (projections/lua/apply.lua)
+row change in the events' ``changes``, a row's writes in one batch merged where
+the newest stands for them all); one Lua script (projections/lua/apply.lua)
 applies them and the batch's Kafka positions in a single EVALSHA, guarded by
 row version, so a replayed or older event never moves a view backwards or
 counts twice. docs/redis-views.md describes the keys.
@@ -90,35 +91,73 @@ def _id(value: Any) -> str:
     return value if value.__class__ is str else str(value)
 
 
-def _row(fields: list[str], change: dict[str, Any], row: dict[str, Any]) -> None:
-    """The row as compact JSON, then its unavailable (unchanged TOAST) columns."""
+def _row(fields: list[str], change: dict[str, Any], row: dict[str, Any]) -> tuple[Any, ...]:
+    """Append the row as compact JSON, then its unavailable (unchanged TOAST) columns;
+    returns its shape (the unavailable columns, then every column): only writes of one
+    shape may be merged (see _merges)."""
     fields.append(_dumps(row).decode())
     names = change.get("unavailable")
     if names:
         fields.append(str(len(names)))
         fields += names
-    else:
-        fields.append("0")
+        return (*names, "", *row)
+    fields.append("0")
+    return ("", *row)
 
 
 class _Order:
-    """The ops of one order's rows in one event: its row, its payments and its items."""
+    """One order's ops in a batch: its row write (the newest, when merged), its payments
+    and its items (the newest version of each), emitted as one G op."""
 
-    __slots__ = ("items", "payments", "row")
+    __slots__ = ("items", "oid", "payments", "row", "shape")
 
-    def __init__(self) -> None:
+    def __init__(self, oid: str) -> None:
+        self.oid = oid
         self.row: list[str] = ["-"]
-        self.payments: list[str] = []
-        self.items: list[str] = []
+        self.shape: tuple[Any, ...] | None = None  # the row write's shape, None if none
+        self.payments: dict[str, tuple[str, str]] = {}
+        self.items: dict[str, tuple[str, str]] = {}
 
 
-def digest(events: Iterable[DomainEvent], fields: list[str]) -> int:
-    """Append the ops of `events` to `fields` (apply.lua's layout); returns the row changes taken."""
+def _merges(old: list[str], old_shape: Any, new: list[str], new_shape: Any) -> bool:
+    """Whether a newer upsert of a row may stand for both: apply.lua then ends in the same
+    state as from the two in turn (guard, TOAST fill-in and all; docs/redis-views.md).
+    True when both have one shape (the same unavailable columns, the same columns) and,
+    for an order, the newer sets every field apply.lua derives from it (it keeps a
+    stored one where a write has '') and names the same customer."""
+    if new[0] == "C":  # C id rv act ...
+        return old_shape == new_shape and new[2] > old[2]
+    # O rv act cust status currency placed ...
+    if old_shape != new_shape or new[1] <= old[1]:
+        return False
+    return "" not in new[3:7] and new[3] == old[3]
+
+
+def _act(old: str, new: str) -> str:
+    """The later of two activity times (µs since the epoch as text; '' for none)."""
+    if not old:
+        return new
+    if not new:
+        return old
+    return new if int(new) > int(old) else old
+
+
+def digest(events: Iterable[DomainEvent], fields: list[str]) -> tuple[int, int]:
+    """Append the ops of `events` to `fields` (apply.lua's layout).
+
+    Writes of one row within the batch are merged where apply.lua would end in the
+    same state from the newest alone (the newest version of each payment and item,
+    an order's or customer's newest row write of the same shape, the latest activity):
+    most of a busy order's events in a batch become one op. Ops of different rows
+    commute; those of one row keep their order. Returns (row changes taken, those
+    merged into a newer write of their row)."""
     dumps = _dumps
-    ops = 0
+    ops = merged = 0
+    slots: list[Any] = []  # _Order, or a customer op (list), in the order first met
+    open_orders: dict[str, _Order] = {}  # the slot an order's next ops may merge into
+    open_customers: dict[str, tuple[list[str], tuple[Any, ...] | None]] = {}
     for event in events:
         version = event.version
-        orders: dict[str, _Order] = {}
         for change in event.changes:
             source = change["source"]
             table = source["table"]
@@ -128,7 +167,9 @@ def digest(events: Iterable[DomainEvent], fields: list[str]) -> int:
             rv = f"{version:025d}{source['seq']:010d}"
             ops += 1
             if op == "t":
-                fields += ("T", table, rv)
+                slots.append(["T", table, rv])
+                open_orders.clear()  # nothing merges across a truncate
+                open_customers.clear()
                 continue
             row = change["before"] if op == "d" else change["after"]
             if not row:
@@ -136,11 +177,22 @@ def digest(events: Iterable[DomainEvent], fields: list[str]) -> int:
             if table == "customers":
                 if (id_ := row.get("id")) is None:
                     continue
+                cid = _id(id_)
                 if op == "d":
-                    fields += ("c", _id(id_), rv)
-                else:
-                    fields += ("C", _id(id_), rv, _micros(row.get("updated_at")))
-                    _row(fields, change, row)
+                    slots.append(["c", cid, rv])
+                    open_customers.pop(cid, None)
+                    continue
+                new = ["C", cid, rv, _micros(row.get("updated_at"))]
+                shape: tuple[Any, ...] | None = _row(new, change, row)
+                held = open_customers.get(cid)
+                if held is not None and _merges(held[0], held[1], new, shape):
+                    old = held[0]
+                    new[3] = _act(old[3], new[3])
+                    old[:] = new
+                    merged += 1
+                    continue
+                slots.append(new)
+                open_customers[cid] = (new, shape)
                 continue
             # A payments delete under the default replica identity carries only
             # its id: without the order it cannot be placed (see docs).
@@ -148,46 +200,89 @@ def digest(events: Iterable[DomainEvent], fields: list[str]) -> int:
             if oid is None:
                 continue
             oid = _id(oid)
-            order = orders.get(oid)
-            if order is None:
-                order = orders[oid] = _Order()
+            order = open_orders.get(oid)
             if table == "orders":
+                shape = None
                 if op == "d":
-                    order.row = ["o", rv]
-                    continue
-                cust, status = row.get("customer_id"), row.get("status")
-                currency, placed = row.get("currency"), row.get("placed_at")
-                order.row = [
-                    "O", rv, _micros(row.get("updated_at")),
-                    "" if cust is None else _id(cust),
-                    "" if status is None else _id(status),
-                    "" if currency is None else _id(currency),
-                    "" if placed is None else _micros(placed),
-                ]  # fmt: skip
-                _row(order.row, change, row)
-            elif table == "order_items":
+                    new = ["o", rv]
+                else:
+                    cust, status = row.get("customer_id"), row.get("status")
+                    currency, placed = row.get("currency"), row.get("placed_at")
+                    new = [
+                        "O", rv, _micros(row.get("updated_at")),
+                        "" if cust is None else _id(cust),
+                        "" if status is None else _id(status),
+                        "" if currency is None else _id(currency),
+                        "" if placed is None else _micros(placed),
+                    ]  # fmt: skip
+                    shape = _row(new, change, row)
+                if order is not None and order.shape is None and order.row[0] == "-":
+                    order.row, order.shape = new, shape  # the slot had no row write yet
+                    if new[0] == "o":
+                        open_orders.pop(oid)  # a delete closes the slot
+                elif (
+                    order is not None
+                    and shape is not None
+                    and _merges(order.row, order.shape, new, shape)
+                ):
+                    new[2] = _act(order.row[2], new[2])
+                    order.row, order.shape = new, shape
+                    merged += 1
+                else:
+                    order = _Order(oid)
+                    order.row, order.shape = new, shape
+                    slots.append(order)
+                    if new[0] == "o":
+                        open_orders.pop(oid, None)
+                    else:
+                        open_orders[oid] = order
+                continue
+            if order is None:
+                order = open_orders[oid] = _Order(oid)
+                slots.append(order)
+            if table == "order_items":
                 if (line := row.get("line_no")) is None:
                     continue
                 if op == "d":
-                    order.items += (_id(line), rv, "")
+                    item = ""
                 else:
-                    item = {k: v for k, v in row.items() if k != "order_id"}
-                    order.items += (_id(line), rv, dumps(item).decode())
+                    item = dumps({k: v for k, v in row.items() if k != "order_id"}).decode()
+                line = _id(line)
+                held_child = order.items.get(line)
+                if held_child is None:
+                    order.items[line] = (rv, item)
+                else:  # the newer of two versions stands for both
+                    merged += 1
+                    if rv > held_child[0]:
+                        order.items[line] = (rv, item)
             else:
                 if (pid := row.get("id")) is None:
                     continue
                 if op == "d":
-                    order.payments += (_id(pid), rv, "D")
+                    cents = "D"
                 else:
-                    cents = _cents(row.get("amount", "0"))
-                    if row.get("kind") == "refund":
-                        cents = -cents
-                    order.payments += (_id(pid), rv, str(cents))
-        for oid, order in orders.items():
-            fields += ("G", oid, *order.row, str(len(order.payments) // 3), *order.payments)
-            fields.append(str(len(order.items) // 3))
-            fields += order.items
-    return ops
+                    amount = _cents(row.get("amount", "0"))
+                    cents = str(-amount if row.get("kind") == "refund" else amount)
+                pid = _id(pid)
+                held_child = order.payments.get(pid)
+                if held_child is None:
+                    order.payments[pid] = (rv, cents)
+                else:
+                    merged += 1
+                    if rv > held_child[0]:
+                        order.payments[pid] = (rv, cents)
+    for slot in slots:
+        if slot.__class__ is not _Order:
+            fields += slot
+            continue
+        fields += ("G", slot.oid, *slot.row)
+        fields.append(str(len(slot.payments)))
+        for pid, (rv, cents) in slot.payments.items():
+            fields += (pid, rv, cents)
+        fields.append(str(len(slot.items)))
+        for line, (rv, item) in slot.items.items():
+            fields += (line, rv, item)
+    return ops, merged
 
 
 _TABLES: Final = frozenset(("customers", "orders", "order_items", "payments"))

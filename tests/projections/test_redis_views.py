@@ -27,7 +27,7 @@ from cdc.changes import RowChange
 from cdc.events import DomainEvent
 from cdc.mapping import TransactionMapper
 from projections.positions import Position
-from projections.redis_views import RECENT, RedisViews
+from projections.redis_views import RECENT, RedisViews, digest
 from tests.projections.conftest import REDIS_URL, delete_namespace
 
 KEYS = {
@@ -713,6 +713,67 @@ def test_any_delivery_order_with_duplicates_converges_to_the_in_order_state(
                 await in_order.apply([event], {})
             for lo, hi in itertools.pairwise([0, *cuts, len(shuffled)]):
                 await any_order.apply(shuffled[lo:hi], {})
+            a, b = await dump(client, f"{base}:a"), await dump(client, f"{base}:b")
+            assert {k[len(base) + 2 :]: v for k, v in a.items()} == {
+                k[len(base) + 2 :]: v for k, v in b.items()
+            }
+        finally:
+            await delete_namespace(client, base)
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+# ---- merging within a batch
+
+
+async def test_a_batch_merges_the_writes_of_one_row_into_one_op(
+    views: RedisViews, client: redis.Redis, namespace: str
+) -> None:
+    shop = Shop()
+    events = shop.register(1)
+    for n in range(3):
+        events += shop.change_profile(1, full_name=f"Ada {n}")  # bio unchanged: TOAST
+    events += shop.place(10, 1, ["3.00", "4.00"]) + shop.pay(10) + shop.ship(10)
+    fields: list[str] = []
+    taken, merged = digest(events, fields)
+    assert (taken, merged) == (10, 4)  # 3 profile changes into the register, ship into pay
+    # register and its profile changes differ in shape (bio), so two customer ops stay
+    assert fields.count("C") == 2
+    assert fields.count("G") == 1
+    await views.apply(events, at(1))
+    merged_state = await dump(client, namespace)
+    one_by_one = RedisViews(client, f"{namespace}:one")
+    for event in events:
+        await one_by_one.apply([event], {})
+    alone = await dump(client, f"{namespace}:one")
+    assert {k[len(namespace) + 5 :]: v for k, v in alone.items()} == {
+        k[len(namespace) + 1 :]: v for k, v in merged_state.items()
+    }
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_writes_merged_in_a_batch_end_as_if_applied_one_by_one(data: st.DataObject) -> None:
+    """A state built one event at a time, then the rest of the history in one batch (with
+    older events mixed in, so that merged writes meet newer stored ones): the same keys
+    as the whole history applied one event at a time."""
+    events = _history(data)
+    k = data.draw(st.integers(0, len(events)))
+    older = data.draw(st.lists(st.sampled_from(events[:k]), max_size=6)) if k else []
+    batch = events[k:] + older
+    batch.sort(key=lambda e: e.version) if data.draw(st.booleans()) else None
+
+    async def run() -> None:
+        client = redis.Redis.from_url(VIEWS_URL)
+        base = f"test:{uuid.uuid4().hex}"
+        try:
+            alone, merged = RedisViews(client, f"{base}:a"), RedisViews(client, f"{base}:b")
+            for event in events:
+                await alone.apply([event], {})
+            for event in events[:k]:
+                await merged.apply([event], {})
+            await merged.apply(batch, {})
             a, b = await dump(client, f"{base}:a"), await dump(client, f"{base}:b")
             assert {k[len(base) + 2 :]: v for k, v in a.items()} == {
                 k[len(base) + 2 :]: v for k, v in b.items()
