@@ -140,10 +140,10 @@ class Rebuilder:
         return self.state
 
     async def _run(self, state: RebuildState) -> None:
+        targets: dict[str, Any] = {}
         try:
-            targets = {
-                name: await self._new_generation(name, state.source) for name in state.projections
-            }
+            for name in state.projections:
+                targets[name] = await self._new_generation(name, state.source)
             start = await asyncio.to_thread(self._start_offsets, state.source)
             if state.source == "snapshot":
                 # after the end offsets were read: every change the snapshot misses is past them
@@ -159,13 +159,33 @@ class Rebuilder:
             state.status = "done"
         except Exception as exc:  # reported through /admin/rebuild; the live generation stays
             log.exception("rebuild %s failed", state.id)
-            state.status = "failed"
             state.error = str(exc)
+            for name, target in targets.items():
+                if not target.switched:
+                    await self._discard(state, name, target)
+            state.status = "failed"
         finally:
             state.finished = time.time()
 
+    async def _discard(self, state: RebuildState, name: str, target: Any) -> None:
+        """A generation the failed rebuild did not switch in: it serves nothing, delete it."""
+        try:
+            await target.discard(self.runtime)
+        except Exception as exc:
+            log.exception(
+                "rebuild %s: deleting the unfinished %s generation failed", state.id, name
+            )
+            state.steps.append(
+                f"{name}: the unfinished generation was not deleted ({exc}); {target.unfinished}"
+            )
+            return
+        state.steps.append(f"{name}: the unfinished generation was deleted ({target.label})")
+
     async def _from_snapshot(
-        self, state: RebuildState, targets: dict[str, Any], start: dict[PositionKey, tuple[int, int]]
+        self,
+        state: RebuildState,
+        targets: dict[str, Any],
+        start: dict[PositionKey, tuple[int, int]],
     ) -> None:
         """Fill the new generations from one consistent snapshot of Postgres
         (projections/bulk_load.py), every projection at once (Redis in processes of its
@@ -307,7 +327,9 @@ class Rebuilder:
                 state.done += n
                 if n:
                     # Redis executes its script while chdb inserts: both at once
-                    await asyncio.gather(*(t.apply(events, touched) for t in pending.values()))
+                    await asyncio.gather(
+                        *(self._apply(state, t, events, touched) for t in pending.values())
+                    )
                 for name in list(pending):
                     if await self._maybe_switch(
                         state, name, pending, positions, consumer, upcasters
@@ -316,6 +338,46 @@ class Rebuilder:
         finally:
             consumer.close()
 
+    async def _apply(
+        self,
+        state: RebuildState,
+        target: Any,
+        events: list[DomainEvent],
+        positions: dict[PositionKey, Position],
+    ) -> None:
+        """Apply a batch to a new generation. An event the store refuses on its own while
+        the store answers (the live pipeline dead-lettered it) is skipped and counted
+        (stage "apply"), as the live pipeline goes on past it; a store that does not
+        answer fails the rebuild."""
+        try:
+            await target.apply(events, positions)
+            return
+        except Exception:
+            if not events:
+                raise
+            await target.positions()  # raises when the store itself is the trouble
+        await self._isolate(state, target, events)
+        await target.apply([], positions)
+
+    async def _isolate(self, state: RebuildState, target: Any, events: list[DomainEvent]) -> None:
+        """Bisect: apply halves in order; an event failing alone is skipped."""
+        try:
+            await target.apply(events, {})
+            return
+        except Exception as exc:
+            await target.positions()
+            if len(events) == 1:
+                state.skip("apply")
+                if state.skipped <= _SKIPS_LOGGED:
+                    log.warning(
+                        "rebuild %s: skipped event %s (%s; apply failed: %s)", state.id,
+                        events[0].event_id, events[0].event_type, str(exc)[:300],
+                    )  # fmt: skip
+                return
+        mid = len(events) // 2
+        await self._isolate(state, target, events[:mid])
+        await self._isolate(state, target, events[mid:])
+
     def _behind(self, name: str, positions: dict[PositionKey, Position]) -> int:
         """Records the new generation must still read to reach the live one's positions,
         plus one for each partition whose watermark is still below the live one's (a
@@ -323,7 +385,8 @@ class Rebuilder:
         watermark yet: switched in too early, its watermark would go backwards)."""
         live = self.runtime.pipelines[name].projector.progress.applied
         return sum(
-            max(0, live[k].offset - positions[k].offset) + (positions[k].watermark < live[k].watermark)
+            max(0, live[k].offset - positions[k].offset)
+            + (positions[k].watermark < live[k].watermark)
             for k in positions
             if k in live
         )
@@ -352,10 +415,14 @@ class Rebuilder:
                     self._read, consumer, positions, upcasters, state
                 )
                 if n:
-                    await asyncio.gather(*(b.apply(events, touched) for b in pending.values()))
+                    await asyncio.gather(
+                        *(self._apply(state, b, events, touched) for b in pending.values())
+                    )
                 state.done += n
             # every partition gets a stored position, even those with nothing new
             await target.apply([], dict(positions))
+            # from here on it may serve (a switch that fails half way leaves it, never deletes it)
+            target.switched = True
             await target.switch(self.runtime)
             if pipeline.consumer is not None:
                 await pipeline.seek_to_stored(pipeline.consumer.assignment())
@@ -377,7 +444,9 @@ class Rebuilder:
             await target.drop_old(self.runtime)
         except Exception as exc:  # the new generation serves; what is left is only space
             log.exception("rebuild %s: dropping the old %s generation failed", state.id, name)
-            state.steps.append(f"{name}: the old generation was not fully dropped ({exc}); {target.leftover}")
+            state.steps.append(
+                f"{name}: the old generation was not fully dropped ({exc}); {target.leftover}"
+            )
             return
         state.steps.append(f"{name}: old generation dropped in {time.monotonic() - started:.1f} s")
 
@@ -389,6 +458,8 @@ class _RedisTarget:
         self.label = f"Redis namespace {namespace}"
         self.old: str | None = None
         self.drop_in_background = True
+        self.switched = False
+        self.unfinished = f"delete the keys matching {namespace}:* by hand"
 
     @property
     def leftover(self) -> str:
@@ -465,6 +536,12 @@ class _RedisTarget:
     ) -> None:
         await self.views.apply(events, positions)
 
+    async def positions(self) -> Any:
+        return await self.views.positions()
+
+    async def discard(self, runtime: Any) -> None:
+        await _unlink_namespace(runtime.redis.client, self.namespace)
+
     async def switch(self, runtime: Any) -> None:
         base = runtime.settings.redis_namespace
         self.old = runtime.redis.namespace
@@ -474,15 +551,19 @@ class _RedisTarget:
     async def drop_old(self, runtime: Any) -> None:
         if self.old is None or self.old == self.namespace:
             return
-        client = runtime.redis.client
-        batch: list[bytes] = []
-        async for key in client.scan_iter(match=f"{self.old}:*", count=2000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                await client.unlink(*batch)
-                batch = []
-        if batch:
+        await _unlink_namespace(runtime.redis.client, self.old)
+
+
+async def _unlink_namespace(client: Any, namespace: str) -> None:
+    """Delete every key of a generation's namespace, a thousand per call."""
+    batch: list[bytes] = []
+    async for key in client.scan_iter(match=f"{namespace}:*", count=2000):
+        batch.append(key)
+        if len(batch) >= 1000:
             await client.unlink(*batch)
+            batch = []
+    if batch:
+        await client.unlink(*batch)
 
 
 class _ClickHouseTarget:
@@ -496,6 +577,8 @@ class _ClickHouseTarget:
         self.keep_events = keep_events
         self.drop_in_background = False  # one DROP DATABASE; a next rebuild reuses the name
         self.leftover = f"run DROP DATABASE {database} by hand"
+        self.unfinished = f"{database} is dropped by the next rebuild"
+        self.switched = False
         self.label = f"ClickHouse tables built in {database}, exchanged into {live}"
         if keep_events:
             self.label += " (events: the live table kept)"
@@ -566,6 +649,12 @@ class _ClickHouseTarget:
             backend.exchange_tables([(f"{self.live}.{t}", f"{self.database}.{t}") for t in tables])
 
         await asyncio.to_thread(exchange)
+
+    async def positions(self) -> Any:
+        return await asyncio.to_thread(self.sink.positions)
+
+    async def discard(self, runtime: Any) -> None:
+        await self.drop_old(runtime)  # the new tables are still in self.database
 
     async def drop_old(self, runtime: Any) -> None:
         await asyncio.to_thread(

@@ -210,3 +210,56 @@ def test_records_the_rebuild_cannot_read_are_counted(
         assert worker.get("/orders/5")[1]["status"] == "pending"
     finally:
         delete_keys(client, f"{namespace}[:.@]*")
+
+
+def test_an_event_the_stores_refuse_is_skipped_and_a_failed_rebuild_leaves_no_generation(
+    event_topics: Any, shop_history: Any, worker_factory: Any
+) -> None:
+    """An event the live pipeline dead-letters (a payment of a fraction of a cent) is
+    skipped by a rebuild too, which goes on; a rebuild that fails (here: Postgres cannot
+    be reached for the snapshot) deletes the generations it had begun."""
+    namespace = f"test:{uuid.uuid4().hex[:8]}"
+    worker = worker_factory(event_topics.prefix, namespace,
+                            PG_DSN="postgresql://postgres@127.0.0.1:55432/no_such_db_for_rebuild")  # fmt: skip
+    worker.start()
+    events = []
+    for cid in range(1, 6):
+        events += shop_history.register(cid) + shop_history.place(cid, cid)
+    events += shop_history.pay(5, 77, amount="1.005")  # not a whole number of cents
+    events += shop_history.ship(4)
+    event_topics.publish(events, watermark=shop_history.lsn + 0x1000)
+    wait_watermark(worker, shop_history.lsn + 0x1000)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        result = rebuild(worker, "all", "--source", "topics")
+        assert result.returncode == 0, result.stdout + result.stderr
+        _, state, _ = worker.get("/admin/rebuild")
+        assert state["skipped_by_stage"].get("apply", 0) >= 1, state
+        live = generation(client, namespace)
+        assert live != namespace
+        assert worker.get("/orders/4")[1]["status"] == "shipped"  # the events after it
+        assert worker.get("/users/3")[0] == 200
+
+        result = rebuild(worker, "all", "--source", "snapshot")
+        assert result.returncode != 0, result.stdout
+        _, state, _ = worker.get("/admin/rebuild")
+        assert state["status"] == "failed" and "no_such_db_for_rebuild" in state["error"], state
+        assert any(
+            s.startswith("redis: the unfinished generation was deleted") for s in state["steps"]
+        )
+        assert any(
+            s.startswith("clickhouse: the unfinished generation was deleted")
+            for s in state["steps"]
+        )
+        assert generation(client, namespace) == live  # the live generation stays and serves
+        assert worker.get("/users/3")[0] == 200
+        others = [k for k in client.scan_iter(match=f"{namespace}.g*", count=1000)
+                  if not k.decode().startswith(f"{live}:")]  # fmt: skip
+        assert others == [], others[:5]
+        code, body = worker.post(
+            "/analytics/sql",
+            {"sql": "SELECT count() FROM system.databases WHERE name LIKE '%_rebuild'"},
+        )
+        assert code == 200 and body["rows"] == [[0]], body
+    finally:
+        delete_keys(client, f"{namespace}[:.@]*")
