@@ -943,7 +943,7 @@ def build_runtime(settings: Settings) -> Runtime:
             Projector(redis_sink, dlq, metrics, shared=shared),
             bootstrap=settings.kafka_bootstrap,
             group_id=f"{settings.app_id}.redis",
-            topics=settings.topics,
+            topics=settings.redis_topics,
             batch_max=settings.batch_max,
             batch_wait_s=settings.batch_wait_ms / 1000,
         ),

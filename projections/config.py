@@ -7,11 +7,17 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["AGGREGATES", "ConfigError", "Settings", "mask_url"]
+__all__ = ["AGGREGATES", "REDIS_AGGREGATES", "ConfigError", "Settings", "mask_url"]
 
 ROOT = Path(__file__).resolve().parent.parent
 # The aggregates whose topics the projections consume (cdc/rules.py AGGREGATES).
 AGGREGATES = ("order", "customer", "product")
+# The Redis views are built from the customers, orders, order_items and payments tables
+# only: the customer and order aggregates. Product events (a stock change per placed
+# order line, each carrying the whole product row) are most of the bytes in the topics;
+# the Redis pipeline does not fetch and decode them. Watermarks are on every partition of
+# every topic, so its watermark over these topics' partitions is exact for its views.
+REDIS_AGGREGATES = ("order", "customer")
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -59,6 +65,11 @@ class Settings:
     @property
     def topics(self) -> tuple[str, ...]:
         return tuple(f"{self.topic_prefix}.{agg}.events" for agg in AGGREGATES)
+
+    @property
+    def redis_topics(self) -> tuple[str, ...]:
+        """The topics the Redis views are built from (REDIS_AGGREGATES)."""
+        return tuple(f"{self.topic_prefix}.{agg}.events" for agg in REDIS_AGGREGATES)
 
     @property
     def embedded_clickhouse(self) -> bool:
