@@ -52,6 +52,17 @@ _SESSION_SETTINGS: Final[dict[str, Any]] = {
     "output_format_json_quote_decimals": 1,
     "date_time_input_format": "best_effort",
 }
+# The embedded writer's connection (batch inserts, the bulk load) runs on one thread.
+# chdb shares the worker's cores with the Redis pipeline, the API and, on a small
+# machine, the whole stack: a batch insert spread over every core starved them in
+# bursts. Measured at 2,000 changes/s on 2 cores (bench/freshness.py), one thread took
+# commit -> Redis p99 from 570-750 ms to 267 ms and ClickHouse p99 from 1.9-2.4 s to
+# 1.3 s; projection throughput did not drop (ClickHouse 16.5k events/s).
+_WRITER_SETTINGS: Final[dict[str, Any]] = {
+    "max_threads": 1,
+    "max_insert_threads": 1,
+    "input_format_parallel_parsing": 0,
+}
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -313,7 +324,7 @@ class ChdbBackend:
         # Writes and reads on connections of their own: a query (the API's)
         # does not wait behind a batch insert of the worker.
         self._lock = threading.Lock()
-        self._conn = self._connect(_SESSION_SETTINGS)
+        self._conn = self._connect({**_SESSION_SETTINGS, **_WRITER_SETTINGS})
         self._read_lock = threading.Lock()
         self._read_conn = self._connect(_SESSION_SETTINGS)
         # ClickHouse swaps several table pairs one after the other: queries wait
