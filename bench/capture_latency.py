@@ -96,6 +96,7 @@ def main() -> None:
         proc.send_signal(2)
         proc.wait(30)
         consumer.close()
+        cleanup(name)
     latencies.sort()
     n = len(latencies)
     result = {
@@ -112,6 +113,23 @@ def main() -> None:
         "note": "commit timestamps have ms resolution; latency measured to the consumer reading the record",
     }
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
+def cleanup(name: str) -> None:
+    """Drop what setup() made: its slots (an inactive slot holds WAL forever), its
+    database and its topics."""
+    from confluent_kafka.admin import AdminClient
+    from psycopg import sql
+
+    with psycopg.connect(dsn_for("postgres"), autocommit=True) as c:
+        for slot in (name, f"{name}_recv"):
+            c.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = %s", (slot,))
+        c.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(DB)))
+    admin = AdminClient({"bootstrap.servers": KAFKA})
+    doomed = [t for t in admin.list_topics(timeout=10).topics if t.startswith(f"{name}.")]
+    if doomed:
+        for future in admin.delete_topics(doomed).values():
+            future.result()
 
 
 def parse_iso_ms(text: str) -> float:
