@@ -783,3 +783,32 @@ def test_writes_merged_in_a_batch_end_as_if_applied_one_by_one(data: st.DataObje
             await client.aclose()
 
     asyncio.run(run())
+
+
+async def test_writes_of_an_order_that_changes_customer_or_loses_a_field_are_not_merged(
+    views: RedisViews, client: redis.Redis, namespace: str
+) -> None:
+    """Two cases where the newest write alone would not do: an order moved to another
+    customer (each keeps its own last activity) and a write without a currency (the
+    stored one stays)."""
+    shop = Shop()
+    events = shop.register(1) + shop.register(2) + shop.place(10, 1) + shop.place(11, 1)
+    moved = shop.orders[10]
+    moved.update(customer_id=2, updated_at=shop.now())
+    events += shop._tx([("u", "orders", None, dict(moved), ())])
+    bare = shop.orders[11]
+    bare.update(currency=None, updated_at=shop.now())
+    events += shop._tx([("u", "orders", None, dict(bare), ())]) + shop.pay(11)
+    fields: list[str] = []
+    assert digest(events, fields)[1] == 0  # pay keeps currency None: nothing merges
+    await views.apply(events, at(1))
+    merged = await dump(client, namespace)  # before the one-by-one keys exist under it
+    one_by_one = RedisViews(client, f"{namespace}:one")
+    for event in events:
+        await one_by_one.apply([event], {})
+    alone = await dump(client, f"{namespace}:one")
+    assert {k[len(namespace) + 5 :]: v for k, v in alone.items()} == {
+        k[len(namespace) + 1 :]: v for k, v in merged.items()
+    }
+    user = await views.user("1")
+    assert user is not None and user["lifetime_spend"] == {"EUR": "10.00"}
