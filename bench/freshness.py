@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from projection_throughput import Worker  # noqa: E402
+from projection_throughput import Worker, cpu_pressure_pct, cpu_stall_us  # noqa: E402
 
 from cdc.lsn import parse_lsn  # noqa: E402
 
@@ -212,7 +212,9 @@ def main() -> None:
         )  # fmt: skip
         time.sleep(5)  # let the load and the pipeline settle
         before, t_before = _changes(dsn), time.monotonic()
+        stall0 = cpu_stall_us()
         result = asyncio.run(probe(dsn, worker.url, args.seconds, 0.1, prefix))
+        pressure = cpu_pressure_pct(stall0, time.monotonic() - t_before)
         changes_per_s = (_changes(dsn) - before) / (time.monotonic() - t_before)
         status = worker.status()
         import urllib.request
@@ -247,6 +249,9 @@ def main() -> None:
         # cdc's share: the commit until its Watermark is on every partition of the topics
         "commit_to_kafka_watermark": _stats(result["kafka"]),
         "timeouts": len(result["timeouts"]),
+        # time some task waited for a CPU while the probes ran (Linux PSI): the p99s of the
+        # same code differ 2-4x between runs on a 2-core machine, and rise with it
+        "cpu_pressure_pct": pressure,
         "targets_ms_p99": {"redis": 250, "clickhouse": 2000},
         "batches": metrics,
         "lag_at_end": {n: {"lag_bytes": p["lag_bytes"], "lag_seconds": p["lag_seconds"]} for n, p in status["projections"].items()},
