@@ -56,6 +56,7 @@ __all__ = [
     "Progress",
     "Projector",
     "Record",
+    "RecordLike",
     "RedisAdapter",
     "Runtime",
     "Sink",
@@ -66,9 +67,25 @@ __all__ = [
 log = logging.getLogger("projections")
 
 
+class RecordLike(Protocol):
+    """What the projector reads of a Kafka record: aiokafka's ConsumerRecord as the
+    pipeline fetched it (no copy per record), or a Record."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One Kafka record as the projector needs it."""
+    """One Kafka record as the projector needs it (for records not from aiokafka)."""
 
     topic: str
     partition: int
@@ -350,7 +367,7 @@ class Batch:
 
     records: int
     events: list[DomainEvent]
-    origins: list[Record]
+    origins: list[RecordLike]
     letters: list[DeadLetter]
     offsets: dict[PositionKey, int]  # the next offset per partition
     marks: dict[PositionKey, tuple[int, int]]  # the newest Watermark per partition: (lsn, ts_ms)
@@ -418,11 +435,11 @@ class Projector:
         self.progress.record_applied({k: v for k, v in stored.items() if k in set(keys)}, {})
         return stored
 
-    async def process(self, records: Sequence[Record]) -> dict[PositionKey, int]:
+    async def process(self, records: Sequence[RecordLike]) -> dict[PositionKey, int]:
         """Apply one batch; returns the next offset per partition (what may be committed)."""
         return await self.commit(await self.prepare(records))
 
-    async def prepare(self, records: Sequence[Record]) -> Batch:
+    async def prepare(self, records: Sequence[RecordLike]) -> Batch:
         """Decode and upcast a batch, and the sink's work that needs no store.
 
         Changes nothing of the projector's state, so the pipeline runs it for
@@ -430,7 +447,7 @@ class Projector:
         seek (a rebalance, a rebuild, a restore) makes it stale.
         """
         events: list[DomainEvent] = []
-        origins: list[Record] = []
+        origins: list[RecordLike] = []
         letters: list[DeadLetter] = []
         offsets: dict[PositionKey, int] = {}
         marks: dict[PositionKey, tuple[int, int]] = {}
@@ -518,7 +535,7 @@ class Projector:
         except UpcastError as exc:
             return ("upcast", str(exc))
 
-    def _letter(self, rec: Record, stage: str, error: str, attempts: int) -> DeadLetter:
+    def _letter(self, rec: RecordLike, stage: str, error: str, attempts: int) -> DeadLetter:
         return DeadLetter(
             rec.topic,
             rec.partition,
@@ -546,7 +563,7 @@ class Projector:
     async def _apply(
         self,
         events: list[DomainEvent],
-        origins: list[Record],
+        origins: list[RecordLike],
         positions: dict[PositionKey, Position],
         prepared: Any = None,
     ) -> None:
@@ -577,7 +594,7 @@ class Projector:
         await self._retry_infra(lambda: self.sink.apply([], positions), "store positions")
 
     async def _isolate(
-        self, events: list[DomainEvent], origins: list[Record], letters: list[DeadLetter]
+        self, events: list[DomainEvent], origins: list[RecordLike], letters: list[DeadLetter]
     ) -> None:
         """Bisect: apply halves in order; an event failing alone `attempts` times is a dead letter."""
         if not events:
@@ -778,11 +795,11 @@ class Pipeline(Service):
                 )  # fmt: skip
         self.ready.set()
 
-    async def take(self) -> list[Record]:
+    async def take(self) -> list[RecordLike]:
         """Up to batch_max records: waits for the first, then at most batch_wait_s for more."""
         consumer = self.consumer
         assert consumer is not None
-        records: list[Record] = []
+        records: list[RecordLike] = []
         deadline: float | None = None
         want = self.batch_max
         while len(records) < want and not self.should_stop:
@@ -795,9 +812,8 @@ class Pipeline(Service):
             got = await consumer.getmany(
                 timeout_ms=int(timeout * 1000), max_records=want - len(records)
             )
-            for tp, batch in got.items():
-                topic, partition = tp.topic, tp.partition
-                records.extend(Record(topic, partition, m.offset, m.key, m.value) for m in batch)
+            for batch in got.values():
+                records.extend(batch)
             if records and deadline is None:
                 deadline = time.monotonic() + self.batch_wait_s
             elif not records and not got:
@@ -818,7 +834,9 @@ class Pipeline(Service):
         if not records or consumer is None:
             return None
         mine = consumer.assignment()
-        records = [r for r in records if TopicPartition(r.topic, r.partition) in mine]
+        fetched = {(r.topic, r.partition) for r in records}
+        if any(TopicPartition(t, p) not in mine for t, p in fetched):  # revoked meanwhile
+            records = [r for r in records if TopicPartition(r.topic, r.partition) in mine]
         if not records:
             return None
         batch = await self.projector.prepare(records)
