@@ -167,9 +167,10 @@ class Worker:
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-worker-"))
         self.namespace = f"bench:{uuid.uuid4().hex[:8]}"
         self.url = f"http://127.0.0.1:{self.port}"
+        self.app_id = f"bench-{uuid.uuid4().hex[:8]}"
         self.env = {
             **os.environ, "TOPIC_PREFIX": prefix, "REDIS_NAMESPACE": self.namespace,
-            "PROJECTIONS_APP_ID": f"bench-{uuid.uuid4().hex[:8]}",
+            "PROJECTIONS_APP_ID": self.app_id,
             "CLICKHOUSE_URL": f"chdb://{self.tmp / 'chdb'}", "PROJECTIONS_DATA_DIR": str(self.tmp / "data"),
             "QUERY_API": f"127.0.0.1:{self.port}", **(extra or {}),
         }  # fmt: skip
@@ -213,10 +214,24 @@ class Worker:
         import redis
 
         client = redis.Redis.from_url(REDIS_URL)
-        batch = list(client.scan_iter(match=f"{self.namespace}:*", count=5000))
+        # the namespace, a rebuild's generations and its pointer key
+        batch = list(client.scan_iter(match=f"{self.namespace}[:.@]*", count=5000))
         for i in range(0, len(batch), 5000):
             client.delete(*batch[i : i + 5000])
         shutil.rmtree(self.tmp, ignore_errors=True)
+        from confluent_kafka.admin import AdminClient
+
+        # the worker's consumer groups (<app id>.redis, .clickhouse, ...): dev Kafka kept
+        # one pair per run
+        admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+        groups = [g.group_id for g in admin.list_consumer_groups().result(30).valid
+                  if g.group_id.startswith(self.app_id + ".")]  # fmt: skip
+        if groups:
+            for future in admin.delete_consumer_groups(groups, request_timeout=30).values():
+                try:
+                    future.result(60)
+                except Exception as exc:  # housekeeping: say so, do not fail the run
+                    print(f"could not delete a consumer group: {exc}", file=sys.stderr)
 
 
 def main() -> None:
