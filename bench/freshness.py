@@ -238,7 +238,8 @@ def main() -> None:
         admin = AdminClient({"bootstrap.servers": os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:59092")})
         doomed = [n for n in admin.list_topics(timeout=10).topics if n.startswith(prefix + ".")]
         if doomed:
-            admin.delete_topics(doomed)
+            for future in admin.delete_topics(doomed, operation_timeout=30).values():
+                future.result(60)  # unwaited, the request may never leave the process
         shutil.rmtree(worker.tmp, ignore_errors=True)
     out = {
         "benchmark": "freshness",

@@ -124,6 +124,22 @@ class CdcProcess:
         self.stop()
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = %s and not active", (self.name,))
+        delete_topics(self.prefix)
+
+
+def delete_topics(prefix: str) -> None:
+    """The topics (and dead-letter topics) of a prefix: left behind, a long-lived broker
+    collected hundreds of them over the test runs."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": KAFKA})
+    doomed = [n for n in admin.list_topics(timeout=10).topics if n.startswith(prefix + ".")]
+    if doomed:
+        for future in admin.delete_topics(doomed, operation_timeout=30).values():
+            try:
+                future.result(timeout=30)
+            except Exception:  # best effort
+                pass
 
 
 class EventLog:

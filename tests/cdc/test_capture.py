@@ -17,6 +17,7 @@ from tests.cdc.capture_harness import (
     CdcProcess,
     EventLog,
     current_lsn,
+    delete_topics,
     fresh_shop_database,
     read_tables,
     rebuild_tables,
@@ -449,6 +450,7 @@ def test_slot_invalidated_by_wal_limit_is_a_clear_error() -> None:
         assert cdc.run_to_end("reset", "--yes").returncode == 0
     finally:
         cdc.stop()
+        delete_topics(cdc.prefix)
         subprocess.run([stack, "down", "postgres"], env=env, capture_output=True)
         shutil.rmtree(pg_dir, ignore_errors=True)
 

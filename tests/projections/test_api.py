@@ -66,7 +66,8 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
     if keys:
         client.delete(*keys)
-    admin.delete_topics(topics.names)
+    for future in admin.delete_topics(topics.names, operation_timeout=30).values():
+        future.result(30)  # unwaited, the request may never leave the process
 
 
 def test_a_user_view_says_which_watermark_it_reflects(api: Api) -> None:
