@@ -420,10 +420,14 @@ def test_slot_invalidated_by_wal_limit_is_a_clear_error() -> None:
     from tests.cdc.capture_harness import ROOT
 
     pg_dir = ROOT / ".local" / "pg-invalidation"
-    env = dict(os.environ, PG_DIR=str(pg_dir), PG_PORT="55532", PG_MAX_SLOT_WAL_KEEP_SIZE="1MB", PG_SHARED_BUFFERS="32MB")
+    # a port below Linux's ephemeral range (32768-60999): bound half way through the suite,
+    # 55532 once failed because a client connection held it as its local port
+    port = "25532"
+    env = dict(os.environ, PG_DIR=str(pg_dir), PG_PORT=port, PG_MAX_SLOT_WAL_KEEP_SIZE="1MB", PG_SHARED_BUFFERS="32MB")
     stack = str(ROOT / "stack" / "stack.sh")
-    subprocess.run([stack, "up", "postgres"], env=env, check=True, capture_output=True)
-    dsn = "postgresql://postgres@127.0.0.1:55532/shop"
+    up = subprocess.run([stack, "up", "postgres"], env=env, capture_output=True, text=True)
+    assert up.returncode == 0, f"stack up postgres (port {port}) failed:\n{up.stdout}\n{up.stderr}"
+    dsn = f"postgresql://postgres@127.0.0.1:{port}/shop"
     cdc = CdcProcess(dsn)
     try:
         subprocess.run([sys.executable, "-m", "writer", "migrate", "--dsn", dsn], cwd=ROOT, check=True, capture_output=True)

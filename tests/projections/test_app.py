@@ -84,8 +84,10 @@ def test_a_crash_or_stop_mid_batch_then_restart_applies_every_event(
     worker = worker_factory(
         event_topics.prefix,
         redis_namespace,
-        PROJECTIONS_BATCH_MAX="300",
-        PROJECTIONS_CH_BATCH_MAX="1000",
+        # small batches, so that both projections are part-way for long enough to be
+        # seen there (with 300 and 1000, a fast run applied all 5 300 events first)
+        PROJECTIONS_BATCH_MAX="20",
+        PROJECTIONS_CH_BATCH_MAX="100",
         PROJECTIONS_CH_BATCH_WAIT_MS="50",
     )
     worker.start()
