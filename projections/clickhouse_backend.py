@@ -55,9 +55,10 @@ _SESSION_SETTINGS: Final[dict[str, Any]] = {
 # The embedded writer's connection (batch inserts, the bulk load) runs on one thread.
 # chdb shares the worker's cores with the Redis pipeline, the API and, on a small
 # machine, the whole stack: a batch insert spread over every core starved them in
-# bursts. Measured at 2,000 changes/s on 2 cores (bench/freshness.py), one thread took
-# commit -> Redis p99 from 570-750 ms to 267 ms and ClickHouse p99 from 1.9-2.4 s to
-# 1.3 s; projection throughput did not drop (ClickHouse 16.5k events/s).
+# bursts. At 2,000 changes/s on 2 cores (bench/freshness.py) the first runs after the
+# change gave commit -> Redis p99 267-330 ms against 570-750 ms just before, ClickHouse
+# p99 1.3 s against 1.9-2.4 s; later runs on a more starved machine spread 550-1,170 ms
+# (docs/projections.md, Benchmarks). Throughput and bulk loads did not slow down.
 _WRITER_SETTINGS: Final[dict[str, Any]] = {
     "max_threads": 1,
     "max_insert_threads": 1,
