@@ -118,18 +118,15 @@ def main() -> None:
 def cleanup(name: str) -> None:
     """Drop what setup() made: its slots (an inactive slot holds WAL forever), its
     database and its topics."""
-    from confluent_kafka.admin import AdminClient
     from psycopg import sql
+
+    from bench.projection_throughput import delete_topics
 
     with psycopg.connect(dsn_for("postgres"), autocommit=True) as c:
         for slot in (name, f"{name}_recv"):
             c.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = %s", (slot,))
         c.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(DB)))
-    admin = AdminClient({"bootstrap.servers": KAFKA})
-    doomed = [t for t in admin.list_topics(timeout=10).topics if t.startswith(f"{name}.")]
-    if doomed:
-        for future in admin.delete_topics(doomed).values():
-            future.result()
+    delete_topics(name, KAFKA)
 
 
 def parse_iso_ms(text: str) -> float:

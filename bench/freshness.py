@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from projection_throughput import Worker, cpu_pressure_pct, cpu_stall_us  # noqa: E402
+from projection_throughput import Worker, cpu_pressure_pct, cpu_stall_us, delete_topics  # noqa: E402
 
 from cdc.lsn import parse_lsn  # noqa: E402
 
@@ -233,13 +233,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "cdc", "reset", "--yes"], cwd=ROOT, env=cdc_env, capture_output=True)
         with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        from confluent_kafka.admin import AdminClient
-
-        admin = AdminClient({"bootstrap.servers": os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:59092")})
-        doomed = [n for n in admin.list_topics(timeout=10).topics if n.startswith(prefix + ".")]
-        if doomed:
-            for future in admin.delete_topics(doomed, operation_timeout=30).values():
-                future.result(60)  # unwaited, the request may never leave the process
+        delete_topics(prefix)
         shutil.rmtree(worker.tmp, ignore_errors=True)
     out = {
         "benchmark": "freshness",

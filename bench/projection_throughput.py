@@ -63,6 +63,33 @@ def cpu_pressure_pct(stall0: int | None, seconds: float) -> float | None:
     return round((stall1 - stall0) / (seconds * 1e6) * 100, 1)
 
 
+def delete_topics(prefix: str, bootstrap: str = BOOTSTRAP) -> list[str]:
+    """Delete every topic named <prefix>.* and wait for it (unwaited, the request may never
+    leave the process); returns their names."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    doomed = [n for n in admin.list_topics(timeout=10).topics if n.startswith(prefix + ".")]
+    if doomed:
+        for future in admin.delete_topics(doomed, operation_timeout=30).values():
+            future.result(60)
+    return doomed
+
+
+def delete_groups(app_id: str, bootstrap: str = BOOTSTRAP) -> list[str]:
+    """Delete a worker's consumer groups (<app id>.redis, .clickhouse, .rebuild, ...);
+    returns their ids."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    groups = [g.group_id for g in admin.list_consumer_groups().result(30).valid
+              if g.group_id.startswith(app_id + ".")]  # fmt: skip
+    if groups:
+        for future in admin.delete_consumer_groups(groups, request_timeout=30).values():
+            future.result(60)
+    return groups
+
+
 def topic_counts(prefix: str) -> tuple[int, int] | None:
     """(records, last watermark) already in the topics, or None when they do not exist."""
     from confluent_kafka import Consumer, TopicPartition
@@ -219,19 +246,10 @@ class Worker:
         for i in range(0, len(batch), 5000):
             client.delete(*batch[i : i + 5000])
         shutil.rmtree(self.tmp, ignore_errors=True)
-        from confluent_kafka.admin import AdminClient
-
-        # the worker's consumer groups (<app id>.redis, .clickhouse, ...): dev Kafka kept
-        # one pair per run
-        admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
-        groups = [g.group_id for g in admin.list_consumer_groups().result(30).valid
-                  if g.group_id.startswith(self.app_id + ".")]  # fmt: skip
-        if groups:
-            for future in admin.delete_consumer_groups(groups, request_timeout=30).values():
-                try:
-                    future.result(60)
-                except Exception as exc:  # housekeeping: say so, do not fail the run
-                    print(f"could not delete a consumer group: {exc}", file=sys.stderr)
+        try:  # dev Kafka kept one pair of groups per run
+            delete_groups(self.app_id)
+        except Exception as exc:  # housekeeping: say so, do not fail the run
+            print(f"could not delete the worker's consumer groups: {exc}", file=sys.stderr)
 
 
 def main() -> None:

@@ -89,13 +89,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from projection_throughput import Worker  # noqa: E402
+from projection_throughput import Worker, delete_topics  # noqa: E402
 
 from cdc.lsn import format_lsn, parse_lsn  # noqa: E402
 
 ADMIN_DSN = os.environ.get("PG_DSN", "postgresql://postgres@127.0.0.1:55432/shop")
-BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:59092")
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:56379/0")
 TARGET_S = 180.0
 TABLES = ("customers", "products", "orders", "order_items", "payments")
 
@@ -302,21 +300,12 @@ class Bench:
                 except subprocess.TimeoutExpired:
                     proc.kill()
         tmp = self.worker.tmp
-        app_id = self.worker.env["PROJECTIONS_APP_ID"]
         try:
-            self.worker.stop()  # also deletes <namespace>:* and the temporary directory
+            # also deletes <namespace>:*, the generations a rebuild made (<namespace>.g<N>:*),
+            # the pointer (<namespace>@generation), the worker's consumer groups and tmp
+            self.worker.stop()
         except Exception as exc:
             log(f"cleanup: stopping the worker: {exc}")
-        try:
-            import redis
-
-            client = redis.Redis.from_url(REDIS_URL)
-            # the generations a rebuild made (<namespace>.g<N>:*) and the pointer (<namespace>@generation)
-            keys = list(client.scan_iter(match=f"{self.worker.namespace}[.@]*", count=5000))
-            for i in range(0, len(keys), 5000):
-                client.delete(*keys[i : i + 5000])
-        except Exception as exc:
-            log(f"cleanup: Redis: {exc}")
         if self.db_created:
             subprocess.run([sys.executable, "-m", "cdc", "reset", "--yes"], cwd=ROOT, env=self.cdc_env,
                            capture_output=True, timeout=120)  # fmt: skip
@@ -326,23 +315,7 @@ class Bench:
             except psycopg.Error as exc:
                 log(f"cleanup: dropping {self.db}: {exc}")
         try:
-            from confluent_kafka.admin import AdminClient
-
-            admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
-            doomed = [
-                n for n in admin.list_topics(timeout=10).topics if n.startswith(self.prefix + ".")
-            ]
-            if doomed:
-                for future in admin.delete_topics(doomed, operation_timeout=30).values():
-                    future.result(60)
-            groups = [g.group_id for g in admin.list_consumer_groups().result(30).valid
-                      if g.group_id.startswith(app_id + ".")]  # fmt: skip
-            if groups:
-                for future in admin.delete_consumer_groups(groups, request_timeout=30).values():
-                    future.result(60)
-            log(
-                f"cleanup: deleted {len(doomed)} topics and the consumer groups {', '.join(groups)}"
-            )
+            log(f"cleanup: deleted {len(delete_topics(self.prefix))} topics")
         except Exception as exc:
             log(f"cleanup: Kafka: {exc}")
         shutil.rmtree(tmp, ignore_errors=True)
