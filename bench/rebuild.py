@@ -127,6 +127,7 @@ def cpu_seconds() -> dict[str, float]:
         except OSError:
             continue
         kind = next((k for k, marker in (
+            ("worker's Redis pipeline process", "projections.redis_process"),
             ("worker (with its bulk-load processes)", "projections worker"), ("cdc", "-m cdc run"),
             ("writer", "-m writer load"), ("redis", "redis-"), ("kafka", "kafka.Kafka"),
             ("postgres", "postgres"), ("rebuild CLI", "projections rebuild"),

@@ -46,7 +46,7 @@ def worker(
 
     setup_logging(log_level, json_logs)
     try:
-        runtime = build_runtime(settings)
+        runtime = build_runtime(settings, log_level=log_level, json_logs=json_logs)
     except Exception as exc:
         typer.echo(f"projections: cannot start: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -59,7 +59,7 @@ def worker(
     gc.freeze()
     gc.set_threshold(300_000, 100, 1000)
     # The ClickHouse apply thread digests in Python; hand the GIL back to the event loop
-    # (Redis pipeline, API) more often than the default 5 ms.
+    # (the API) more often than the default 5 ms.
     sys.setswitchinterval(0.001)
     logging.getLogger("projections").info(
         "worker %s: Kafka %s, topics %s, Redis %s (namespace %s), ClickHouse %s, query API http://%s:%d",

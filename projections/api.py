@@ -155,10 +155,7 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
     @app.page("/health")
     class Health(View):
         async def get(self, request: Request) -> Response:
-            running = {
-                name: not p.should_stop and p.consumer is not None
-                for name, p in runtime.pipelines.items()
-            }
+            running = {name: p.running for name, p in runtime.pipelines.items()}
             ok = all(running.values())
             return _json(
                 {"status": "ok" if ok else "starting", "pipelines": running}, 200 if ok else 503
@@ -170,7 +167,7 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
             return _json({  # type: ignore[return-value]
                 "app_id": runtime.settings.app_id,
                 "topics": list(runtime.settings.topics),
-                "projections": {name: p.projector.progress.status() for name, p in runtime.pipelines.items()},
+                "projections": {name: p.progress.status() for name, p in runtime.pipelines.items()},
                 "now": time.time(),
             })  # fmt: skip
 
@@ -180,7 +177,7 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
             from projections.metrics import CONTENT_TYPE_LATEST
 
             return web.Response(  # type: ignore[return-value]
-                body=runtime.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+                body=runtime.render_metrics(), headers={"Content-Type": CONTENT_TYPE_LATEST}
             )
 
     @app.page("/users/{customer_id}")

@@ -30,10 +30,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import faust
 import redis.asyncio as redis
@@ -52,6 +53,7 @@ from projections.upcasting import UPCASTERS, UpcastError, Upcasters
 
 __all__ = [
     "ClickHouseAdapter",
+    "LivePipeline",
     "Pipeline",
     "Progress",
     "Projector",
@@ -214,6 +216,8 @@ class Progress:
     dead_letters: int = 0
     last_batch_at: float | None = None
     offset_lag: int | None = None
+    # called after every change of the applied positions (the Redis process reports them)
+    listener: Callable[[Progress], None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def watermark(self) -> int:
@@ -229,6 +233,34 @@ class Progress:
                 if key in ts:
                     self.applied_ts[key] = ts[key]
         self.last_batch_at = time.time()
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if self.listener is not None:
+            self.listener(self)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything /status, the metrics and min_lsn waits read, as JSON-able values."""
+        return {
+            "expected": sorted(self.expected),
+            "applied": [(t, p, pos.offset, pos.watermark) for (t, p), pos in self.applied.items()],
+            "applied_ts": [(t, p, ts) for (t, p), ts in self.applied_ts.items()],
+            "seen": (self.seen_lsn, self.seen_ts),
+            "events": self.events,
+            "dead_letters": self.dead_letters,
+            "last_batch_at": self.last_batch_at,
+            "offset_lag": self.offset_lag,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Take over a snapshot() made elsewhere (the Redis process's), and wake min_lsn waits."""
+        self.expected = {(t, p) for t, p in state["expected"]}
+        self.applied = {(t, p): Position(off, wm) for t, p, off, wm in state["applied"]}
+        self.applied_ts = {(t, p): ts for t, p, ts in state["applied_ts"]}
+        self.seen_lsn, self.seen_ts = state["seen"]
+        self.events = state["events"]
+        self.dead_letters = state["dead_letters"]
+        self.last_batch_at = state["last_batch_at"]
+        self.offset_lag = state["offset_lag"]
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -283,84 +315,6 @@ class Progress:
 Decoded = tuple[Any, Any]
 
 
-class SharedDecodes:
-    """Both pipelines read the same records: the first to reach one decodes (and upcasts)
-    it and leaves it here for the other, which takes it instead of decoding it again.
-
-    Per partition, the entries lie between the follower's position and the
-    leader's, in offset order. At most `limit` wait for a reader: a pipeline
-    further behind than that decodes its own (the pipelines never wait for
-    each other; measured, making the leader wait cost more than it saved).
-    Events are never modified after decoding (the sinks only read them), so
-    sharing is safe.
-    """
-
-    def __init__(self, readers: int, limit: int = 40_000) -> None:
-        self.readers = readers
-        self.limit = limit
-        # per partition: the reader the entries are left for, and the entries by offset
-        self._items: dict[PositionKey, tuple[str, dict[int, Decoded]]] = {}
-        self._waiting: dict[str, int] = {}  # per reader: entries left for it
-        # per reader: the partitions it owns and its next offset on each
-        self._owned: dict[str, set[PositionKey]] = {}
-        self._next: dict[str, dict[PositionKey, int]] = {}
-
-    def assign(self, reader: str, keys: Iterable[PositionKey]) -> None:
-        """The partitions `reader` consumes now (on every assignment): the cache starts over."""
-        self._items.clear()
-        self._waiting.clear()
-        self._owned[reader] = set(keys)
-        self._next[reader] = {}
-
-    def take(self, reader: str, key: PositionKey, offset: int) -> Decoded | None:
-        """The record's decoding if another reader left it; what lies before it goes (skipped)."""
-        self._next.setdefault(reader, {})[key] = offset + 1
-        entry = self._items.get(key)
-        if entry is None or entry[0] != reader:
-            return None
-        items = entry[1]
-        first = next(iter(items))
-        if first > offset:
-            return None
-        dropped = 1
-        while first < offset:
-            del items[first]
-            dropped += 1
-            if not items:
-                del self._items[key]
-                self._taken(reader, dropped - 1)
-                return None
-            first = next(iter(items))
-        self._taken(reader, dropped)
-        decoded = items.pop(offset)
-        if not items:
-            del self._items[key]
-        return decoded
-
-    def _taken(self, reader: str, n: int) -> None:
-        self._waiting[reader] = max(0, self._waiting.get(reader, 0) - n)
-
-    def put(self, reader: str, key: PositionKey, offset: int, decoded: Decoded) -> None:
-        """Leave a decoding for the other reader, if it owns the partition and has not passed it."""
-        for other, owned in self._owned.items():
-            if other == reader or key not in owned or self._next[other].get(key, 0) > offset:
-                continue
-            waiting = self._waiting.get(other, 0)
-            if waiting >= self.limit:
-                return  # too far behind: it decodes its own
-            entry = self._items.get(key)
-            if entry is None or entry[0] != other:
-                if entry is not None:  # left for `reader`, which has now passed them
-                    self._taken(entry[0], len(entry[1]))
-                entry = self._items[key] = (other, {})
-            entry[1][offset] = decoded
-            self._waiting[other] = waiting + 1
-            return
-
-    def __bool__(self) -> bool:
-        return self.readers > 1
-
-
 @dataclass(slots=True)
 class Batch:
     """Records read and decoded, not applied yet (Projector.prepare -> Projector.commit)."""
@@ -402,7 +356,6 @@ class Projector:
         metrics: ProjectionMetrics,
         *,
         upcasters: Upcasters = UPCASTERS,
-        shared: SharedDecodes | None = None,
         attempts: int = 3,
         retry_delay_s: float = 0.05,
         max_backoff_s: float = 5.0,
@@ -412,7 +365,6 @@ class Projector:
         self.dlq = dlq
         self.metrics = metrics
         self.upcasters = upcasters
-        self.shared = shared
         self.attempts = attempts
         self.retry_delay_s = retry_delay_s
         self.max_backoff_s = max_backoff_s
@@ -452,18 +404,12 @@ class Projector:
         offsets: dict[PositionKey, int] = {}
         marks: dict[PositionKey, tuple[int, int]] = {}
         upcasts = 0
-        shared = self.shared
-        name = self.name
         for n, rec in enumerate(records, 1):
             if n % 100 == 0:
                 await asyncio.sleep(0)  # the API and the other pipeline run between chunks (~1 ms each)
             key = (rec.topic, rec.partition)
             offsets[key] = rec.offset + 1
-            decoded = shared.take(name, key, rec.offset) if shared else None
-            if decoded is None:
-                decoded = self._decode(rec.value)
-                if shared:
-                    shared.put(name, key, rec.offset, decoded)
+            decoded = self._decode(rec.value)
             obj = decoded[0]
             if obj.__class__ is DomainEvent:
                 events.append(obj)
@@ -668,9 +614,6 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         # wait for the batch in flight: its positions and offsets go out first
         async with self.pipeline.batch_lock:
             self.pipeline.epoch += 1
-            shared = self.pipeline.projector.shared
-            if shared:
-                shared.assign(self.pipeline.projector.name, ())
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self.pipeline.batch_lock:
@@ -710,6 +653,30 @@ class Pipeline(Service):
     @property
     def label(self) -> str:
         return f"Pipeline[{self.projector.name}]"
+
+    # ---- what the worker's API, rebuilds and snapshots use (LivePipeline)
+
+    @property
+    def progress(self) -> Progress:
+        return self.projector.progress
+
+    @property
+    def running(self) -> bool:
+        return not self.should_stop and self.consumer is not None
+
+    @asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """No batch is applied inside: the store may be changed under the pipeline."""
+        async with self.batch_lock:
+            yield
+
+    async def reseek(self, *, clear: bool = False) -> None:
+        """Read on from the store's positions (inside paused(), after the store changed);
+        `clear` forgets the positions shown so far (a snapshot restore moves them back)."""
+        if clear:
+            self.progress.applied.clear()
+        if self.consumer is not None:
+            await self.seek_to_stored(self.consumer.assignment())
 
     async def on_start(self) -> None:
         consumer = AIOKafkaConsumer(
@@ -771,8 +738,6 @@ class Pipeline(Service):
         assert consumer is not None
         self.epoch += 1
         keys = [(tp.topic, tp.partition) for tp in assigned]
-        if self.projector.shared:
-            self.projector.shared.assign(self.projector.name, keys)
         stored = await self.projector.resume(keys)
         for tp in assigned:
             pos = stored.get((tp.topic, tp.partition))
@@ -919,19 +884,45 @@ class Pipeline(Service):
         progress.record_applied({k: v for k, v in stored.items() if k in foreign}, {})
 
 
+class LivePipeline(Protocol):
+    """A projection's live pipeline as the API, rebuilds and snapshots see it: a Pipeline
+    in this process (ClickHouse) or one in a process of its own (Redis: RedisProcess)."""
+
+    @property
+    def progress(self) -> Progress: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    def paused(self) -> AbstractAsyncContextManager[None]: ...
+
+    async def reseek(self, *, clear: bool = False) -> None: ...
+
+
 @dataclass(slots=True)
 class Runtime:
-    """Everything the worker runs: the settings, sinks, pipelines, metrics, dead letters."""
+    """Everything the worker runs: the settings, sinks, pipelines, metrics, dead letters.
+
+    ``redis`` serves the API's reads; the Redis pipeline writes through a client
+    of its own in its own process (projections/redis_process.py)."""
 
     settings: Settings
     metrics: ProjectionMetrics
     dlq: DeadLetterQueue
     redis: RedisAdapter
     clickhouse: ClickHouseAdapter
-    pipelines: dict[str, Pipeline]
+    pipelines: dict[str, LivePipeline]
 
     def progress(self, name: str) -> Progress:
-        return self.pipelines[name].projector.progress
+        return self.pipelines[name].progress
+
+    def render_metrics(self) -> bytes:
+        """This process's metrics and the Redis process's (it reports them every second)."""
+        from projections.redis_process import RedisProcess
+
+        return self.metrics.render(
+            *(p.metrics_text for p in self.pipelines.values() if isinstance(p, RedisProcess))
+        )
 
     async def close(self) -> None:
         await self.dlq.stop()
@@ -939,7 +930,11 @@ class Runtime:
         await self.clickhouse.close()
 
 
-def build_runtime(settings: Settings) -> Runtime:
+def build_runtime(settings: Settings, *, log_level: str = "info", json_logs: bool = False) -> Runtime:
+    """The sinks and pipelines: ClickHouse in this process, Redis in a child process
+    (its own interpreter lock: a ClickHouse batch never delays the Redis views)."""
+    from projections.redis_process import RedisProcess
+
     metrics = ProjectionMetrics()
     dlq = DeadLetterQueue(settings.kafka_bootstrap, client_id=f"{settings.app_id}-dlq")
     # blocking pool: a burst of API reads waits for a connection instead of failing
@@ -955,18 +950,10 @@ def build_runtime(settings: Settings) -> Runtime:
         raise RuntimeError(
             f"cannot open ClickHouse at {mask_url(settings.clickhouse_url)}: {exc}"
         ) from None
-    shared = SharedDecodes(readers=2)
-    pipelines = {
-        "redis": Pipeline(
-            Projector(redis_sink, dlq, metrics, shared=shared),
-            bootstrap=settings.kafka_bootstrap,
-            group_id=f"{settings.app_id}.redis",
-            topics=settings.redis_topics,
-            batch_max=settings.batch_max,
-            batch_wait_s=settings.batch_wait_ms / 1000,
-        ),
+    pipelines: dict[str, LivePipeline] = {
+        "redis": RedisProcess(settings, log_level=log_level, json_logs=json_logs),
         "clickhouse": Pipeline(
-            Projector(ch_sink, dlq, metrics, shared=shared),
+            Projector(ch_sink, dlq, metrics),
             bootstrap=settings.kafka_bootstrap,
             group_id=f"{settings.app_id}.clickhouse",
             topics=settings.topics,
@@ -1016,6 +1003,6 @@ def build_app(settings: Settings, runtime: Runtime) -> faust.App:
     async def _start_pipelines() -> None:
         await runtime.redis.resolve()
         for pipeline in runtime.pipelines.values():
-            await app.add_runtime_dependency(pipeline)
+            await app.add_runtime_dependency(cast(Service, pipeline))
 
     return app

@@ -7,8 +7,12 @@ topics only: never a URL, a DSN or anything holding a secret.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = ["CONTENT_TYPE_LATEST", "ProjectionMetrics"]
 
@@ -68,5 +72,32 @@ class ProjectionMetrics:
             "query_api_requests", "Query API requests", ["route", "status"], registry=r,
         )  # fmt: skip
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, *others: bytes) -> bytes:
+        """The text exposition; `others` are other processes' (the Redis process's) expositions,
+        their samples merged into the same families."""
+        if not any(others):
+            return generate_latest(self.registry)
+        return generate_latest(_Merged(self.registry, others))
+
+
+class _Merged:
+    """A registry's families with other expositions' samples added (one family per name)."""
+
+    def __init__(self, registry: CollectorRegistry, others: tuple[bytes, ...]) -> None:
+        self.registry = registry
+        self.others = others
+
+    def collect(self) -> Iterator[Metric]:
+        extra: dict[str, Metric] = {}
+        for text in self.others:
+            for family in text_string_to_metric_families(text.decode()):
+                if family.name in extra:
+                    extra[family.name].samples.extend(family.samples)
+                else:
+                    extra[family.name] = family
+        for family in self.registry.collect():
+            more = extra.pop(family.name, None)
+            if more is not None:
+                family.samples.extend(more.samples)
+            yield family
+        yield from extra.values()

@@ -54,6 +54,7 @@ from projections.bulk_load import (
     trim_recent,
 )
 from projections.positions import Position, PositionKey
+from projections.upcasting import UPCASTERS
 
 __all__ = ["Rebuilder", "current_namespace", "generation_pointer"]
 
@@ -317,7 +318,7 @@ class Rebuilder:
             k: Position(off, 0) for k, (off, _) in start.items()
         }
         state.total += sum(hi - lo for lo, hi in start.values())
-        upcasters = self.runtime.pipelines[state.projections[0]].projector.upcasters
+        upcasters = UPCASTERS
         pending = dict(targets)
         try:
             while pending:
@@ -383,7 +384,7 @@ class Rebuilder:
         plus one for each partition whose watermark is still below the live one's (a
         generation bulk loaded from a snapshot starts at offsets from before it, with no
         watermark yet: switched in too early, its watermark would go backwards)."""
-        live = self.runtime.pipelines[name].projector.progress.applied
+        live = self.runtime.pipelines[name].progress.applied
         return sum(
             max(0, live[k].offset - positions[k].offset)
             + (positions[k].watermark < live[k].watermark)
@@ -408,7 +409,7 @@ class Rebuilder:
             return False
         pipeline = self.runtime.pipelines[name]
         state.status = "switching"
-        async with pipeline.batch_lock:
+        async with pipeline.paused():
             # the live generation is frozen now: reach (or pass) its exact positions
             while self._behind(name, positions):
                 events, touched, n = await asyncio.to_thread(
@@ -424,8 +425,7 @@ class Rebuilder:
             # from here on it may serve (a switch that fails half way leaves it, never deletes it)
             target.switched = True
             await target.switch(self.runtime)
-            if pipeline.consumer is not None:
-                await pipeline.seek_to_stored(pipeline.consumer.assignment())
+            await pipeline.reseek()
         state.steps.append(f"{name}: switched to the new generation ({target.label})")
         if target.drop_in_background:
             # the new generation serves already; deleting millions of old keys is

@@ -20,6 +20,8 @@ import re
 import struct
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,7 +212,7 @@ async def create_snapshot(runtime: Any, store: SnapshotStore) -> dict[str, Any]:
         ch_pos = await runtime.clickhouse.positions()
         keys = await save_redis(runtime.redis.client, runtime.redis.namespace, path / "redis.bin")
         counts = await asyncio.to_thread(save_clickhouse, runtime.clickhouse.backend, runtime.clickhouse.sink.database, snapshot_db)
-    expected = {name: p.projector.progress.expected for name, p in pipelines.items()}
+    expected = {name: p.progress.expected for name, p in pipelines.items()}
     meta = {
         "id": snapshot_id,
         "created_at": started,
@@ -249,23 +251,15 @@ async def restore_snapshot(runtime: Any, store: SnapshotStore, snapshot_id: str)
         )
         # consume onward from the restored positions (they may be behind Kafka's commits)
         for pipeline in pipelines.values():
-            pipeline.projector.progress.applied.clear()
-            if pipeline.consumer is not None:
-                await pipeline.seek_to_stored(pipeline.consumer.assignment())
+            await pipeline.reseek(clear=True)
     return {"id": snapshot_id, "redis_keys": keys, "clickhouse_rows": counts,
             "redis_watermark": meta["redis"]["watermark"], "clickhouse_watermark": meta["clickhouse"]["watermark"]}  # fmt: skip
 
 
-class _paused:
-    """Hold every pipeline's batch lock: no batch is applied while inside."""
-
-    def __init__(self, pipelines: dict[str, Any]) -> None:
-        self.locks = [p.batch_lock for _, p in sorted(pipelines.items())]
-
-    async def __aenter__(self) -> None:
-        for lock in self.locks:
-            await lock.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        for lock in reversed(self.locks):
-            lock.release()
+@asynccontextmanager
+async def _paused(pipelines: dict[str, Any]) -> AsyncIterator[None]:
+    """Every pipeline paused: no batch is applied while inside."""
+    async with AsyncExitStack() as stack:
+        for _, pipeline in sorted(pipelines.items()):
+            await stack.enter_async_context(pipeline.paused())
+        yield

@@ -7,6 +7,7 @@ collide and db 0 is never flushed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -274,6 +275,7 @@ class WorkerProcess:
             except OSError:
                 pass
             time.sleep(0.2)
+        self.kill9()  # never leave it running (and its Redis process) after a failed start
         raise AssertionError(f"worker not healthy within {wait} s:\n{self.log.read_text()[-3000:]}")
 
     def get(self, path: str, token: str | None = None) -> tuple[int, dict, dict]:
@@ -308,8 +310,25 @@ class WorkerProcess:
         except urllib.error.HTTPError as exc:
             return exc.code, orjson.loads(exc.read() or b"{}")
 
-    def kill9(self) -> None:
+    def children(self) -> list[int]:
+        """The worker's child processes (its Redis pipeline process)."""
         assert self.proc is not None
+        pids: list[int] = []
+        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):
+            try:
+                pids += [int(p) for p in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return pids
+
+    def kill9(self, *, worker_only: bool = False) -> None:
+        """SIGKILL the worker and its Redis process (a crash of the machine or container);
+        worker_only: the worker alone (its Redis process then ends on its own)."""
+        assert self.proc is not None
+        if not worker_only:
+            for pid in self.children():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 

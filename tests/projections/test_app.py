@@ -156,3 +156,54 @@ def test_a_restart_resumes_from_the_stored_positions_even_if_kafka_committed_les
     status = _wait_caught_up(worker, lsn)
     assert status["projections"]["redis"]["events_applied"] == 0
     assert status["projections"]["clickhouse"]["events_applied"] == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_redis_process_is_restarted_when_it_dies_and_never_outlives_the_worker(
+    event_topics: EventTopics, worker_factory, shop_history: ShopHistory, redis_namespace: str
+) -> None:  # type: ignore[no-untyped-def]
+    """The Redis pipeline runs in a child process of the worker (projections/redis_process.py)."""
+    first = _history(shop_history, customers=10, orders=200)
+    lsn = shop_history.lsn + 0x10000
+    event_topics.publish(first, watermark=lsn)
+    worker = worker_factory(event_topics.prefix, redis_namespace)
+    worker.start()
+    _wait_caught_up(worker, lsn)
+    [child] = worker.children()
+
+    # the child dies: the worker says so, starts another, and the views go on
+    import os
+    import signal
+
+    os.kill(child, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and worker.children() in ([], [child]):
+        time.sleep(0.1)
+    [second] = worker.children()
+    assert second != child
+    more = []
+    for oid in range(1, 201, 2):
+        more += shop_history.pay(oid, payment_id=10_000 + oid)
+    event_topics.publish(more, watermark=lsn + 0x10000)
+    _wait_caught_up(worker, lsn + 0x10000)
+    assert worker.get("/health")[0] == 200
+    views = _views(worker, shop_history)
+    assert all(views[f"order:{oid}"]["status"] == shop_history.orders[oid]["status"] for oid in shop_history.orders)
+    assert dict(views["statuses"]) == _expected_statuses(shop_history)
+    log = worker.log.read_text()
+    assert "the pipeline process exited with -9" in log, log[-3000:]
+
+    # the worker is killed: its Redis process ends on its own (its stdin closes)
+    worker.kill9(worker_only=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _pid_alive(second):
+        time.sleep(0.1)
+    assert not _pid_alive(second), "the Redis process outlived the worker"
