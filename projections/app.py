@@ -238,6 +238,11 @@ class Progress:
         if self.listener is not None:
             self.listener(self)
 
+    def set_offset_lag(self, lag: int) -> None:
+        self.offset_lag = lag
+        if self.listener is not None:
+            self.listener(self)
+
     def snapshot(self) -> dict[str, Any]:
         """Everything /status, the metrics and min_lsn waits read, as JSON-able values."""
         return {
@@ -863,7 +868,7 @@ class Pipeline(Service):
             pos = self.projector.progress.applied.get((tp.topic, tp.partition))
             if high is not None and pos is not None:
                 lag += max(0, high - pos.offset)
-        self.projector.progress.offset_lag = lag
+        self.projector.progress.set_offset_lag(lag)
         self.projector.metrics.offset_lag.labels(self.projector.name).set(lag)
 
     @Service.timer(1.0)

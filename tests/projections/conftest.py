@@ -294,6 +294,12 @@ class WorkerProcess:
         except urllib.error.HTTPError as exc:
             return exc.code, orjson.loads(exc.read() or b"{}"), dict(exc.headers)
 
+    def get_text(self, path: str) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=40) as resp:
+            return str(resp.read().decode())
+
     def post(self, path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
         import urllib.error
         import urllib.request

@@ -177,6 +177,19 @@ def test_the_redis_process_is_restarted_when_it_dies_and_never_outlives_the_work
     worker = worker_factory(event_topics.prefix, redis_namespace)
     worker.start()
     _wait_caught_up(worker, lsn)
+    # what the worker shows comes from the child's reports, the offset lag included
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and worker.get("/status")[1]["projections"]["redis"]["offset_lag"] != 0:
+        time.sleep(0.1)
+    redis_status = worker.get("/status")[1]["projections"]["redis"]
+    assert redis_status["offset_lag"] == 0 and redis_status["events_applied"] == len(first), redis_status
+    # its metrics too (reported every second), in the same families as the worker's
+    want = f'projection_events_total{{projection="redis"}} {float(len(first))}'
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and want not in (metrics := worker.get_text("/metrics")):
+        time.sleep(0.2)
+    assert want in metrics and 'projection_events_total{projection="clickhouse"}' in metrics, metrics
+    assert metrics.count("# TYPE projection_events_total counter") == 1, metrics
     [child] = worker.children()
 
     # the child dies: the worker says so, starts another, and the views go on
