@@ -315,7 +315,10 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
             return _json({"snapshots": snapshots.list()})  # type: ignore[return-value]
 
         async def post(self, request: Request) -> Response:
-            return _json(await create_snapshot(runtime, snapshots), 201)  # type: ignore[return-value]
+            try:
+                return _json(await create_snapshot(runtime, snapshots), 201)  # type: ignore[return-value]
+            except RedisProcessError as exc:
+                return _error(503, str(exc))  # type: ignore[return-value]
 
     @app.page("/admin/snapshots/{snapshot_id}/restore")
     class RestoreSnapshot(View):
@@ -324,8 +327,11 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
                 return _json(await restore_snapshot(runtime, snapshots, snapshot_id))  # type: ignore[return-value]
             except SnapshotError as exc:
                 return _error(404 if "no snapshot" in str(exc) else 400, str(exc))  # type: ignore[return-value]
+            except RedisProcessError as exc:
+                return _error(503, str(exc))  # type: ignore[return-value]
 
     from projections.rebuild import Rebuilder
+    from projections.redis_process import RedisProcessError
 
     rebuilder = Rebuilder(runtime)
 

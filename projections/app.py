@@ -2,7 +2,8 @@
 
 Each projection (redis, clickhouse) is a pipeline of its own: its own Kafka
 consumer group, batches, positions and watermark, so a slow ClickHouse insert
-never delays the Redis views. A batch is
+never delays the Redis views. The Redis pipeline runs in a child process of
+the worker (projections/redis_process.py: its own interpreter lock). A batch is
 
     take(n, within)  ->  decode  ->  upcast  ->  apply to the sink (positions
     stored in the same write)  ->  commit the offsets to Kafka
@@ -21,7 +22,8 @@ of the batch it yielded in a ``finally`` block, which also runs when the
 generator is closed by an exception or a worker stop mid-batch, so Faust
 would then commit offsets of a batch that was never applied. Here Faust
 runs the worker, its lifecycle and the web server (the query API); the
-pipelines are mode Services the Faust worker starts and stops with it.
+ClickHouse pipeline and the Redis process's handle are mode Services the Faust
+worker starts and stops with it.
 See docs/projections.md.
 """
 
@@ -238,6 +240,12 @@ class Progress:
         if self.listener is not None:
             self.listener(self)
 
+    def clear(self) -> None:
+        """Forget the applied positions (a snapshot restore moves them back)."""
+        self.applied.clear()
+        if self.listener is not None:
+            self.listener(self)
+
     def set_offset_lag(self, lag: int) -> None:
         self.offset_lag = lag
         if self.listener is not None:
@@ -411,7 +419,7 @@ class Projector:
         upcasts = 0
         for n, rec in enumerate(records, 1):
             if n % 100 == 0:
-                await asyncio.sleep(0)  # the API and the other pipeline run between chunks (~1 ms each)
+                await asyncio.sleep(0)  # the API runs between chunks (~1 ms each)
             key = (rec.topic, rec.partition)
             offsets[key] = rec.offset + 1
             decoded = self._decode(rec.value)
@@ -679,7 +687,7 @@ class Pipeline(Service):
         """Read on from the store's positions (inside paused(), after the store changed);
         `clear` forgets the positions shown so far (a snapshot restore moves them back)."""
         if clear:
-            self.progress.applied.clear()
+            self.progress.clear()
         if self.consumer is not None:
             await self.seek_to_stored(self.consumer.assignment())
 

@@ -35,6 +35,7 @@ Redis pipeline down meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -49,7 +50,7 @@ from mode import Service
 from projections.app import Progress
 from projections.config import Settings
 
-__all__ = ["RedisProcess"]
+__all__ = ["RedisProcess", "RedisProcessError"]
 
 log = logging.getLogger("projections")
 
@@ -60,6 +61,10 @@ _STOP_WAIT_S = 20.0
 
 class RedisProcessError(RuntimeError):
     """The Redis pipeline's process is not there to answer."""
+
+
+# what the child must not see: it needs Kafka and Redis only
+_NOT_FOR_THE_CHILD = ("API_TOKEN", "PG_DSN", "CLICKHOUSE_URL")
 
 
 class RedisProcess(Service):
@@ -77,6 +82,11 @@ class RedisProcess(Service):
         self.up = False
         self._next_id = 0
         self._waiting: dict[int, asyncio.Future[None]] = {}
+        # one pause at a time, as with a pipeline in this process; and no new child is
+        # started while one is held (it would start unpaused under a restore)
+        self._pause_lock = asyncio.Lock()
+        # counts of the children before this one: what /status shows adds up over restarts
+        self._base = {"events": 0, "dead_letters": 0}
         super().__init__(**kwargs)
 
     @property
@@ -87,13 +97,11 @@ class RedisProcess(Service):
     def running(self) -> bool:
         return not self.should_stop and self.up
 
-    def foreign_metrics(self) -> bytes:
-        return self.metrics_text
-
     def _env(self) -> dict[str, str]:
         s = self.settings
+        env = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_THE_CHILD}
         return {
-            **os.environ,
+            **env,
             "KAFKA_BOOTSTRAP": s.kafka_bootstrap,
             "REDIS_URL": s.redis_url,
             "TOPIC_PREFIX": s.topic_prefix,
@@ -143,13 +151,27 @@ class RedisProcess(Service):
         while not self.should_stop:
             proc = self.proc
             if proc is None:
-                proc = await self._spawn()
+                async with self._pause_lock:
+                    proc = await self._spawn()
             assert proc.stdout is not None
-            while line := await proc.stdout.readline():
-                self._on_message(orjson.loads(line))
+            while True:
+                try:
+                    line = await proc.stdout.readline()
+                except ValueError:  # longer than _MAX_LINE: not a report
+                    proc.kill()
+                    break
+                if not line:
+                    break
+                try:
+                    self._on_message(orjson.loads(line))
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                    # a line cut short by the child's death, or a bug: never the end of this task
+                    log.error("redis: unreadable report from the pipeline process (%s): %r", exc, line[:200])
+                    continue
                 delay = 1.0
             code = await proc.wait()
             self.up = False
+            self._base = {k: getattr(self.progress, k) for k in self._base}
             for fut in self._waiting.values():
                 if not fut.done():
                     fut.set_exception(
@@ -168,7 +190,10 @@ class RedisProcess(Service):
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         if "progress" in msg:
-            self.progress.load(msg["progress"])
+            state = msg["progress"]
+            for key, base in self._base.items():
+                state[key] += base
+            self.progress.load(state)
         if "metrics" in msg:
             self.metrics_text = msg["metrics"].encode()
         if "re" in msg:
@@ -184,25 +209,33 @@ class RedisProcess(Service):
     async def _call(self, op: str) -> None:
         proc = self.proc
         if proc is None or proc.returncode is not None or proc.stdin is None:
-            raise RedisProcessError("the Redis pipeline's process is not running")
+            raise RedisProcessError(
+                "the Redis pipeline's process is not running (it is being restarted; see the "
+                "worker's log); try again"
+            )
         self._next_id += 1
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[self._next_id] = fut
-        proc.stdin.write(orjson.dumps({"op": op, "id": self._next_id}) + b"\n")
-        await proc.stdin.drain()
+        try:
+            proc.stdin.write(orjson.dumps({"op": op, "id": self._next_id}) + b"\n")
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            self._waiting.pop(self._next_id, None)
+            raise RedisProcessError(f"the Redis pipeline's process is gone ({exc})") from None
         await fut
 
     @asynccontextmanager
     async def paused(self) -> AsyncIterator[None]:
-        """Once in, the child has applied its batch in flight and applies none until the exit."""
-        await self._call("pause")
-        try:
-            yield
-        finally:
+        """Once in, the child has applied its batch in flight and applies none until the exit.
+        If the child dies meanwhile, no other starts before the exit, and the next call to
+        it (a reseek) fails: a restore never goes on with a pipeline it did not pause."""
+        async with self._pause_lock:
+            await self._call("pause")
             try:
-                await self._call("resume")
-            except RedisProcessError:
-                pass  # a new child starts unpaused
+                yield
+            finally:
+                with contextlib.suppress(RedisProcessError):
+                    await self._call("resume")  # a child that died is restarted unpaused
 
     async def reseek(self, *, clear: bool = False) -> None:
         await self._call("reseek-clear" if clear else "reseek")
@@ -213,24 +246,26 @@ class RedisProcess(Service):
 
 async def _child(settings: Settings) -> int:
     import redis.asyncio as redis
+    from prometheus_client import disable_created_metrics
 
     from projections.app import Pipeline, Projector, RedisAdapter
     from projections.dlq import DeadLetterQueue
     from projections.metrics import ProjectionMetrics
 
-    # fd 1 carries the reports; anything a library prints goes to stderr instead
+    # the worker serves these samples in its own families; a *_created series would be a
+    # family of its own there, twice
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    loop = asyncio.get_running_loop()
+    # fd 1 carries the reports, written without blocking this loop (a busy worker reads
+    # late; the transport buffers meanwhile); anything a library prints goes to stderr
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
-
-    def send(msg: dict[str, Any]) -> None:
-        out.write(orjson.dumps(msg) + b"\n")
-
+    writer, _ = await loop.connect_write_pipe(asyncio.Protocol, out)
     client = redis.Redis.from_url(settings.redis_url)
     adapter = RedisAdapter(client, settings.redis_namespace)
     metrics = ProjectionMetrics()
     dlq = DeadLetterQueue(settings.kafka_bootstrap, client_id=f"{settings.app_id}-redis-dlq")
     projector = Projector(adapter, dlq, metrics)
-    projector.progress.listener = lambda p: send({"progress": p.snapshot()})
     pipeline = Pipeline(
         projector,
         bootstrap=settings.kafka_bootstrap,
@@ -239,7 +274,8 @@ async def _child(settings: Settings) -> int:
         batch_max=settings.batch_max,
         batch_wait_s=settings.batch_wait_ms / 1000,
     )
-    loop = asyncio.get_running_loop()
+    reports = _Reports(writer, projector.progress)
+    projector.progress.listener = reports.changed
     stdin = asyncio.StreamReader(limit=_MAX_LINE)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     # SIGTERM / SIGINT sent to the child itself: stop as on the worker's EOF
@@ -249,14 +285,15 @@ async def _child(settings: Settings) -> int:
     async def run() -> None:
         await adapter.resolve()
         await pipeline.start()
-        send({"up": True, "progress": projector.progress.snapshot()})
-        while True:
-            send({"metrics": metrics.render().decode()})
-            try:
-                await asyncio.wait_for(pipeline.wait_until_stopped(), 1.0)
-            except TimeoutError:
-                continue
-            raise RuntimeError(f"the pipeline stopped ({pipeline.crash_reason!r})")
+        reports.send({"up": True})
+        stopped = asyncio.ensure_future(pipeline.wait_until_stopped())
+        try:
+            while not stopped.done():
+                reports.send({"metrics": metrics.render().decode()})
+                await asyncio.wait([stopped], timeout=1.0)
+        finally:
+            stopped.cancel()
+        raise RuntimeError(f"the pipeline stopped ({pipeline.crash_reason!r})")
 
     commands = _Commands(pipeline, adapter)
     runner = asyncio.ensure_future(run())
@@ -283,14 +320,45 @@ async def _child(settings: Settings) -> int:
             except Exception as exc:
                 error = f"{cmd['op']} failed: {type(exc).__name__}: {exc}"
                 log.error("redis: %s", error)
-            send({"re": cmd["id"], "error": error})
+            reports.send({"re": cmd["id"], "error": error})
     finally:
         runner.cancel()
         commands.release()
-        await pipeline.stop()
+        try:
+            # bounded: a batch retrying through a Redis outage holds the pipeline; it
+            # is not committed, so it is read again from the stored positions
+            await asyncio.wait_for(pipeline.stop(), _STOP_WAIT_S / 2)
+        except TimeoutError:
+            log.error("redis: the pipeline did not stop within %.0f s; leaving", _STOP_WAIT_S / 2)
         await dlq.stop()
         await adapter.close()
+        writer.close()
     return code
+
+
+class _Reports:
+    """The child's reports to the worker, in order. Progress is sent once per loop turn
+    (a batch changes it twice: positions, then the offset lag), and always before any
+    later message, so the worker sees a batch's positions before the reply to a pause."""
+
+    def __init__(self, writer: asyncio.WriteTransport, progress: Progress) -> None:
+        self.writer = writer
+        self.progress = progress
+        self.pending = False
+
+    def changed(self, _progress: Progress) -> None:
+        if not self.pending:
+            self.pending = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.writer.write(orjson.dumps({"progress": self.progress.snapshot()}) + b"\n")
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.flush()
+        self.writer.write(orjson.dumps(msg) + b"\n")
 
 
 class _Commands:
