@@ -9,7 +9,8 @@ changes) plus Watermark records, and kept for the next run (--refill to
 rebuild them). Then ``python -m projections worker`` starts on them with a
 fresh Redis namespace and chdb directory and the clock runs until each
 projection's watermark reaches the last one published. Prints JSON: events/s
-per projection (both run at once in the one worker process, as deployed).
+per projection (both run at once in the one worker, as deployed: ClickHouse in
+the worker's process, Redis in its child process), and the CPU seconds of each.
 """
 
 from __future__ import annotations
