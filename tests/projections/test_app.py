@@ -37,6 +37,19 @@ def _wait_caught_up(worker: WorkerProcess, lsn: int, timeout: float = 90.0) -> d
     raise AssertionError(f"not caught up to {format_lsn(lsn)} within {timeout} s: {status}")
 
 
+def _caught_up_worker(  # type: ignore[no-untyped-def]
+    event_topics: EventTopics, worker_factory, shop: ShopHistory, namespace: str, customers: int, orders: int
+) -> tuple[WorkerProcess, list, int]:
+    """A worker started on a published shop history and caught up with it: (worker, events, lsn)."""
+    events = _history(shop, customers=customers, orders=orders)
+    lsn = shop.lsn + 0x10000
+    event_topics.publish(events, watermark=lsn)
+    worker = worker_factory(event_topics.prefix, namespace)
+    worker.start()
+    _wait_caught_up(worker, lsn)
+    return worker, events, lsn
+
+
 def _expected_statuses(shop: ShopHistory) -> dict[str, int]:
     counts: dict[str, int] = {}
     for order in shop.orders.values():
@@ -125,12 +138,9 @@ def test_a_crash_or_stop_mid_batch_then_restart_applies_every_event(
 def test_the_same_events_delivered_twice_leave_every_view_unchanged(
     event_topics: EventTopics, worker_factory, shop_history: ShopHistory, redis_namespace: str
 ) -> None:  # type: ignore[no-untyped-def]
-    events = _history(shop_history, customers=20, orders=300)
-    first = shop_history.lsn + 0x10000
-    event_topics.publish(events, watermark=first)
-    worker = worker_factory(event_topics.prefix, redis_namespace)
-    worker.start()
-    _wait_caught_up(worker, first)
+    worker, events, first = _caught_up_worker(
+        event_topics, worker_factory, shop_history, redis_namespace, customers=20, orders=300
+    )
     before = _views(worker, shop_history)
 
     event_topics.publish(events, watermark=first + 0x10000)  # every event again, at new offsets
@@ -143,12 +153,9 @@ def test_a_restart_resumes_from_the_stored_positions_even_if_kafka_committed_les
     event_topics: EventTopics, worker_factory, shop_history: ShopHistory, redis_namespace: str
 ) -> None:  # type: ignore[no-untyped-def]
     """The store is the truth: a new consumer group (nothing committed) does not re-read everything."""
-    events = _history(shop_history, customers=5, orders=100)
-    lsn = shop_history.lsn + 0x10000
-    event_topics.publish(events, watermark=lsn)
-    worker = worker_factory(event_topics.prefix, redis_namespace)
-    worker.start()
-    _wait_caught_up(worker, lsn)
+    worker, _, lsn = _caught_up_worker(
+        event_topics, worker_factory, shop_history, redis_namespace, customers=5, orders=100
+    )
     worker.stop()
 
     worker.env["PROJECTIONS_APP_ID"] = f"{event_topics.prefix}-other-group"
@@ -171,12 +178,9 @@ def test_the_redis_process_is_restarted_when_it_dies_and_never_outlives_the_work
     event_topics: EventTopics, worker_factory, shop_history: ShopHistory, redis_namespace: str
 ) -> None:  # type: ignore[no-untyped-def]
     """The Redis pipeline runs in a child process of the worker (projections/redis_process.py)."""
-    first = _history(shop_history, customers=10, orders=200)
-    lsn = shop_history.lsn + 0x10000
-    event_topics.publish(first, watermark=lsn)
-    worker = worker_factory(event_topics.prefix, redis_namespace)
-    worker.start()
-    _wait_caught_up(worker, lsn)
+    worker, first, lsn = _caught_up_worker(
+        event_topics, worker_factory, shop_history, redis_namespace, customers=10, orders=200
+    )
     # what the worker shows comes from the child's reports, the offset lag included
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and worker.get("/status")[1]["projections"]["redis"]["offset_lag"] != 0:
