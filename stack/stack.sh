@@ -55,6 +55,24 @@ require_port_free() {
     if port_listening "$port"; then
         die "port $port (for $name) is taken by $(port_owner "$port"); stop it, or set ${3} to another port"
     fi
+    # not listening, yet bound: a client connection was given it as its local port (the
+    # stack's ports lie in Linux's ephemeral range); the service could not bind it
+    local held
+    held=$(ss -Htanp state established "sport = :$port" 2>/dev/null | head -n1 || true)
+    if [ -n "$held" ]; then
+        die "port $port (for $name) is held by a connection's local end ($held); wait for it to close, or set ${3} to another port"
+    fi
+}
+
+reserve_ports() {
+    # Keep the kernel from giving the stack's ports (inside the ephemeral range,
+    # 32768-60999 by default) to client connections as their local port: once that
+    # happened, a service could not bind its port at start (seen in CI: a test's
+    # Postgres; and Kafka on a restart). Needs root; best effort.
+    local f=/proc/sys/net/ipv4/ip_local_reserved_ports current
+    [ -w "$f" ] || return 0
+    current=$(cat "$f" 2>/dev/null || true)
+    printf '%s' "${current:+$current,}$PG_PORT,$REDIS_PORT,$KAFKA_PORT,$KAFKA_CONTROLLER_PORT" >"$f" 2>/dev/null || true
 }
 
 wait_for() {
@@ -391,6 +409,7 @@ wants() { local s; for s in "${services[@]}"; do [ "$s" = "$1" ] && return 0; do
 case "$cmd" in
 up)
     mkdir -p "$LOCAL"
+    reserve_ports
     if wants postgres; then pg_up; fi
     if wants redis; then redis_up; fi
     if wants kafka; then kafka_up; fi
