@@ -45,10 +45,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
+import redis.asyncio as redis
 from mode import Service
+from prometheus_client import disable_created_metrics
 
-from projections.app import Progress
-from projections.config import Settings
+from projections.app import Pipeline, Progress, Projector, RedisAdapter
+from projections.config import ConfigError, Settings
+from projections.dlq import DeadLetterQueue
+from projections.metrics import ProjectionMetrics
 
 __all__ = ["RedisProcess", "RedisProcessError"]
 
@@ -245,13 +249,6 @@ class RedisProcess(Service):
 
 
 async def _child(settings: Settings) -> int:
-    import redis.asyncio as redis
-    from prometheus_client import disable_created_metrics
-
-    from projections.app import Pipeline, Projector, RedisAdapter
-    from projections.dlq import DeadLetterQueue
-    from projections.metrics import ProjectionMetrics
-
     # the worker serves these samples in its own families; a *_created series would be a
     # family of its own there, twice
     disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -364,7 +361,7 @@ class _Reports:
 class _Commands:
     """The worker's commands to the child's pipeline."""
 
-    def __init__(self, pipeline: Any, adapter: Any) -> None:
+    def __init__(self, pipeline: Pipeline, adapter: RedisAdapter) -> None:
         self.pipeline = pipeline
         self.adapter = adapter
         self.held = False  # paused: this holds the pipeline's batch lock
@@ -393,7 +390,6 @@ def main(argv: list[str] | None = None) -> int:
     import gc
 
     from cdc.logs import setup_logging
-    from projections.config import ConfigError
 
     parser = argparse.ArgumentParser(
         prog="python -m projections.redis_process",
