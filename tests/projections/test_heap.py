@@ -1,0 +1,116 @@
+"""The cyclic collector is kept off large decoded batches, which reference counting still frees,
+and the garbage cycles a freeze catches are reclaimed."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+
+from cdc.events import encode_event
+from projections.app import Projector, Record, RedisAdapter
+from projections.dlq import DeadLetterQueue
+from projections.heap import HEAP, BatchHeap
+from projections.metrics import ProjectionMetrics
+
+from .conftest import KAFKA_BOOTSTRAP
+
+
+class Node:
+    """A weakly referenceable object, to see when it is freed."""
+
+    def __init__(self) -> None:
+        self.other: Node | None = None
+
+
+@pytest.fixture(autouse=True)
+def _restore_collector():  # type: ignore[no-untyped-def]
+    enabled = gc.isenabled()
+    yield
+    gc.unfreeze()
+    gc.enable() if enabled else gc.disable()
+
+
+def test_a_large_batch_decodes_with_the_collector_off_and_is_frozen_after() -> None:
+    heap = BatchHeap(min_records=10, reclaim_every=1000)
+    gc.enable()
+    frozen = gc.get_freeze_count()
+    with heap.decoding(10):
+        assert not gc.isenabled()
+        batch = [{"row": [i, {"n": i}]} for i in range(1000)]
+    assert gc.isenabled()
+    # the batch's containers (a dict, a list and a dict each) are in the permanent generation
+    assert gc.get_freeze_count() >= frozen + 3000
+    assert heap.freezes == 1
+    # and reference counting frees them as ever: a batch dropped is gone, no collection needed
+    node = Node()
+    with heap.decoding(10):
+        held = [node, batch]
+    gone = weakref.ref(node)
+    del node, held, batch
+    assert gone() is None
+
+
+def test_small_batches_and_a_collector_someone_else_turned_off_are_left_alone() -> None:
+    heap = BatchHeap(min_records=10)
+    gc.enable()
+    frozen = gc.get_freeze_count()
+    with heap.decoding(9):
+        assert gc.isenabled()
+        _ = [{"x": [i]} for i in range(100)]
+    assert gc.get_freeze_count() == frozen and heap.freezes == 0
+    gc.disable()
+    with heap.decoding(100):
+        pass
+    assert not gc.isenabled() and heap.freezes == 0
+
+
+def test_the_collector_is_back_on_when_a_decode_fails() -> None:
+    heap = BatchHeap(min_records=1)
+    gc.enable()
+    with pytest.raises(RuntimeError), heap.decoding(5):
+        raise RuntimeError("decode failed")
+    assert gc.isenabled() and heap.freezes == 1
+
+
+def test_garbage_cycles_caught_by_a_freeze_are_reclaimed_every_n_freezes() -> None:
+    heap = BatchHeap(min_records=1, reclaim_every=3)
+    gc.enable()
+    with heap.decoding(1):
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle: reference counting never frees it
+        cycle = weakref.ref(a)
+        del a, b
+    gc.collect()
+    assert cycle() is not None, "a frozen cycle is out of the collector's reach"
+    with heap.decoding(1):
+        pass
+    assert cycle() is not None and heap.reclaims == 0
+    with heap.decoding(1):  # the third freeze reclaims
+        pass
+    assert heap.reclaims == 1
+    assert cycle() is None
+
+
+async def test_the_projector_decodes_a_large_batch_off_the_collector(
+    redis_client, redis_namespace, shop_history
+) -> None:  # type: ignore[no-untyped-def]
+    events = shop_history.register(1)
+    for order in range(HEAP.min_records):
+        events += shop_history.place(100 + order, 1)
+    records = [
+        Record(f"t.{e.aggregate_type}.events", 0, i, *encode_event(e)) for i, e in enumerate(events)
+    ]
+    dlq = DeadLetterQueue(KAFKA_BOOTSTRAP)
+    try:
+        projector = Projector(RedisAdapter(redis_client, redis_namespace), dlq, ProjectionMetrics())
+        gc.enable()
+        freezes = HEAP.freezes
+        batch = await projector.prepare(records)
+        assert len(batch.events) == len(events)
+        assert HEAP.freezes == freezes + 1 and gc.isenabled()
+        small = await projector.prepare(records[:10])
+        assert HEAP.freezes == freezes + 1 and len(small.events) == 10
+    finally:
+        await dlq.stop()
