@@ -1,6 +1,6 @@
 // Open-loop HTTP GET load at a fixed rate, for bench/query_latency.py.
 //
-//	go run ./bench/loadgen -rps 500 -seconds 10 -ids ids.txt -url http://127.0.0.1:6066/users/
+//	go run bench/loadgen/main.go -rps 500 -seconds 10 -ids ids.txt -url http://127.0.0.1:6066/users/
 //
 // Each request is sent on its schedule whether or not earlier ones have
 // returned (no coordinated omission); latency runs from the scheduled send to
