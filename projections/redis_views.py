@@ -75,9 +75,13 @@ def _cents(amount: Any) -> int:
     return int(value)
 
 
+_NAIVE_EPOCH: Final = datetime(1970, 1, 1)
+
+
 def _iso(micros: int) -> str:
-    """µs since the epoch -> ISO 8601 UTC with 6 fraction digits and "Z"."""
-    return (_EPOCH + timedelta(microseconds=micros)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """µs since the epoch -> ISO 8601 UTC with 6 fraction digits and "Z" (isoformat of a
+    naive time: ~2x faster than strftime, which it replaced on the /users path)."""
+    return (_NAIVE_EPOCH + timedelta(microseconds=micros)).isoformat(timespec="microseconds") + "Z"
 
 
 def money(cents: int) -> str:

@@ -159,6 +159,12 @@ def test_unknown_ids_are_404(api: Api) -> None:
     assert code == 404
 
 
+def test_the_point_reads_answer_other_methods_with_405_in_json(api: Api) -> None:
+    for path in ("/users/1", "/orders/1"):
+        code, body = api.post(path, {})
+        assert code == 405 and "error" in body, (path, code, body)
+
+
 def test_revenue_and_funnel_answer_from_clickhouse(api: Api) -> None:
     code, body, headers = api.get("/analytics/revenue?from=2020-01-01&to=2030-12-31&group_by=day")
     assert code == 200 and headers["X-Watermark-LSN"] == body["watermark"]
