@@ -180,46 +180,43 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
                 body=runtime.render_metrics(), headers={"Content-Type": CONTENT_TYPE_LATEST}
             )
 
-    # The two point reads are aiohttp handlers on the Faust web server's router, not Faust
-    # Views: the View layer (dispatch, its sensors) cost ~15% of their CPU per request,
-    # measured at 500 requests/s (docs/projections.md, "Query latency").
-    async def user(request: web.Request) -> web.Response:
-        cid = _id(request.match_info["customer_id"], "user")
-        min_lsn, timeout_s = _consistency(request.query)
-        fresh = await _fresh(redis_progress, min_lsn, timeout_s)
-        if isinstance(fresh, web.Response):
-            return fresh
-        view = await runtime.redis.views.user(cid)
-        if view is None:
-            return _error(
-                404,
-                f"no user {cid} (as of watermark {format_lsn(fresh)})",
-                watermark=format_lsn(fresh),
-                watermark_lsn=fresh,
-            )
-        view["watermark"] = format_lsn(fresh)
-        return _json(view, watermark=fresh)
+    @app.page("/users/{customer_id}")
+    class User(View):
+        async def get(self, request: Request, customer_id: str) -> Response:
+            cid = _id(customer_id, "user")
+            min_lsn, timeout_s = _consistency(request.query)
+            fresh = await _fresh(redis_progress, min_lsn, timeout_s)
+            if isinstance(fresh, web.Response):
+                return fresh  # type: ignore[return-value]
+            view = await runtime.redis.views.user(cid)
+            if view is None:
+                return _error(
+                    404,
+                    f"no user {cid} (as of watermark {format_lsn(fresh)})",
+                    watermark=format_lsn(fresh),
+                    watermark_lsn=fresh,
+                )  # type: ignore[return-value]
+            view["watermark"] = format_lsn(fresh)
+            return _json(view, watermark=fresh)  # type: ignore[return-value]
 
-    async def order(request: web.Request) -> web.Response:
-        oid = _id(request.match_info["order_id"], "order")
-        min_lsn, timeout_s = _consistency(request.query)
-        fresh = await _fresh(redis_progress, min_lsn, timeout_s)
-        if isinstance(fresh, web.Response):
-            return fresh
-        view = await runtime.redis.views.order(oid)
-        if view is None:
-            return _error(
-                404,
-                f"no order {oid} (as of watermark {format_lsn(fresh)})",
-                watermark=format_lsn(fresh),
-                watermark_lsn=fresh,
-            )
-        view["watermark"] = format_lsn(fresh)
-        return _json(view, watermark=fresh)
-
-    router = app.web.web_app.router  # type: ignore[attr-defined]  # the aiohttp driver's
-    router.add_get("/users/{customer_id}", user)
-    router.add_get("/orders/{order_id}", order)
+    @app.page("/orders/{order_id}")
+    class Order(View):
+        async def get(self, request: Request, order_id: str) -> Response:
+            oid = _id(order_id, "order")
+            min_lsn, timeout_s = _consistency(request.query)
+            fresh = await _fresh(redis_progress, min_lsn, timeout_s)
+            if isinstance(fresh, web.Response):
+                return fresh  # type: ignore[return-value]
+            view = await runtime.redis.views.order(oid)
+            if view is None:
+                return _error(
+                    404,
+                    f"no order {oid} (as of watermark {format_lsn(fresh)})",
+                    watermark=format_lsn(fresh),
+                    watermark_lsn=fresh,
+                )  # type: ignore[return-value]
+            view["watermark"] = format_lsn(fresh)
+            return _json(view, watermark=fresh)  # type: ignore[return-value]
 
     async def _analytics(request: Request, run: Callable[[], Awaitable[Any]]) -> web.Response:
         from projections.analytics import AnalyticsError
