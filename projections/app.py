@@ -560,7 +560,10 @@ class Projector:
         """Bisect: apply halves in order; an event failing alone `attempts` times is a dead letter."""
         if not events:
             return
-        error: Exception | None = None
+        # the error's text, not the exception: kept past its except block, an exception's
+        # traceback holds this frame, whose locals hold the batch, in a cycle that only the
+        # cyclic collector frees (late, and never while a batch freeze holds it; heap.py)
+        error = ""
         tries = 1 if len(events) > 1 else self.attempts
         attempt = 0
         while attempt < tries:
@@ -573,12 +576,9 @@ class Projector:
                 if await self._outage(exc, attempt + 1, "apply"):
                     continue
                 attempt += 1
-                error = exc
+                error = f"{type(exc).__name__}: {exc}"
         if len(events) == 1:
-            assert error is not None
-            letters.append(
-                self._letter(origins[0], "apply", f"{type(error).__name__}: {error}", attempt)
-            )
+            letters.append(self._letter(origins[0], "apply", error, attempt))
             return
         mid = len(events) // 2
         await self._isolate(events[:mid], origins[:mid], letters)

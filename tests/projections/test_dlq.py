@@ -146,3 +146,44 @@ async def test_a_valid_batch_goes_through_in_one_apply(
     await projector.process(_records(event_topics.prefix, events))
     assert calls == [len(events)]
     assert (await sink.views.order("10"))["status"] == "paid"
+
+
+async def test_a_refused_event_leaves_no_cycle_holding_its_batch(
+    redis_client, redis_namespace, shop_history, dlq, event_topics
+) -> None:  # type: ignore[no-untyped-def]
+    """Bisecting a batch keeps the error's text, not the exception: an exception's traceback
+    holds the frames whose locals hold the batch, a cycle reference counting never frees
+    (and a batch freeze, projections/heap.py, keeps from the collector until a reclaim)."""
+    import gc
+    import types
+
+    projector = Projector(RedisAdapter(redis_client, redis_namespace), dlq, ProjectionMetrics())
+    events = shop_history.register(1) + shop_history.place(10, 1)
+    bad = [
+        replace(
+            e,
+            changes=[
+                {**c, "after": {**c["after"], "amount": "0.001"}}
+                if c["source"]["table"] == "payments"
+                else c
+                for c in e.changes
+            ],
+        )
+        for e in shop_history.pay(10, payment_id=5)
+    ]
+    records = _records(event_topics.prefix, events + bad)
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()  # what is left alive now is left by reference counting
+    try:
+        await projector.process(records)
+        assert projector.progress.dead_letters == 1
+        left = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, types.FrameType) and o.f_code.co_name == "_isolate"
+        ]
+        assert left == [], "an _isolate frame outlived its call: something keeps it in a cycle"
+    finally:
+        if was:
+            gc.enable()
