@@ -29,6 +29,22 @@ def _records(topic_prefix: str, events: list, start: int = 0) -> list[Record]:
     return out
 
 
+def _with_payment_amount(events: list, amount: str) -> list:
+    """The events with their payments rows' amount set (a fraction of a cent: refused)."""
+    return [
+        replace(
+            e,
+            changes=[
+                {**c, "after": {**c["after"], "amount": amount}}
+                if c["source"]["table"] == "payments"
+                else c
+                for c in e.changes
+            ],
+        )
+        for e in events
+    ]
+
+
 async def _read_letters(topic: str, expect: int, timeout: float = 20.0) -> list:
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=KAFKA_BOOTSTRAP, auto_offset_reset="earliest", group_id=None
@@ -59,18 +75,7 @@ async def test_bad_records_are_dead_lettered_with_their_error_and_the_rest_is_ap
     prefix = event_topics.prefix
     projector = Projector(RedisAdapter(redis_client, redis_namespace), dlq, ProjectionMetrics())
     good = shop_history.register(1) + shop_history.place(10, 1) + shop_history.place(11, 1)
-    paid_bad = [
-        replace(
-            e,
-            changes=[
-                {**c, "after": {**c["after"], "amount": "12.345"}}
-                if c["source"]["table"] == "payments"
-                else c
-                for c in e.changes
-            ],
-        )
-        for e in shop_history.pay(10, payment_id=5)
-    ]
+    paid_bad = _with_payment_amount(shop_history.pay(10, payment_id=5), "12.345")
     paid_good = shop_history.pay(11, payment_id=6)
     future = replace(shop_history.ship(11)[0], event_version=7)
     records = _records(prefix, good + paid_bad + paid_good + [future])
@@ -159,18 +164,7 @@ async def test_a_refused_event_leaves_no_cycle_holding_its_batch(
 
     projector = Projector(RedisAdapter(redis_client, redis_namespace), dlq, ProjectionMetrics())
     events = shop_history.register(1) + shop_history.place(10, 1)
-    bad = [
-        replace(
-            e,
-            changes=[
-                {**c, "after": {**c["after"], "amount": "0.001"}}
-                if c["source"]["table"] == "payments"
-                else c
-                for c in e.changes
-            ],
-        )
-        for e in shop_history.pay(10, payment_id=5)
-    ]
+    bad = _with_payment_amount(shop_history.pay(10, payment_id=5), "0.001")
     records = _records(event_topics.prefix, events + bad)
     was = gc.isenabled()
     gc.collect()
