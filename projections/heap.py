@@ -21,21 +21,26 @@ collector cannot free them, so the frozen heap is collected in full (unfreeze,
 collect, freeze again) at the start of a decode window:
 
 - after ``reclaim_every`` freezes (300: every 2.5-5 minutes for the worker's
-  ClickHouse batches, which close every 0.5 s or 20,000 events; every ~30 s
-  for the Redis process's 2,000-event batches at 20,000 events/s);
-- at the first small batch after freezes: the pipeline has caught up, so
-  nothing frozen stays frozen once the load drops.
+  ClickHouse batches, which close every 0.5 s or at 20,000 events);
+- at a small batch after freezes, at most once a minute (``settle_s``): the
+  pipeline has caught up, so nothing frozen stays frozen long once the load
+  drops, and a load that hovers around ``min_records`` does not make a full
+  collection of every other batch.
 
 A full collection walks what is alive: measured with the worker's start-up
 heap, 78 ms with no batch alive and ~600 ms with two 20,000-event batches.
-At the start of a window only the batch being applied is alive. Batches under
-``min_records`` (a pipeline keeping up) are otherwise left to the collector,
-as is a collector someone else turned off.
+At the start of a window only the batch being applied is alive.
+``min_records`` is 5,000: below it two batches alive (~150,000 objects) stay
+under the worker's collection threshold of 300,000 young objects, so the
+collector never walked them anyway; so the Redis process (batches of at most
+2,000) and a pipeline keeping up are left to the collector as they were, as
+is a collector someone else turned off.
 """
 
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -45,12 +50,16 @@ __all__ = ["HEAP", "BatchHeap"]
 class BatchHeap:
     """One per process (the collector is): ``with heap.decoding(n):`` around a batch's decode."""
 
-    def __init__(self, min_records: int = 1000, reclaim_every: int = 300) -> None:
+    def __init__(
+        self, min_records: int = 5000, reclaim_every: int = 300, settle_s: float = 60.0
+    ) -> None:
         self.min_records = min_records
         self.reclaim_every = reclaim_every
+        self.settle_s = settle_s
         self.freezes = 0
         self.reclaims = 0
         self._pending = 0  # freezes since the last reclaim
+        self._last_reclaim = time.monotonic()
         self._depth = 0  # open windows that turned the collector off (overlapping pipelines)
 
     @contextmanager
@@ -61,7 +70,11 @@ class BatchHeap:
                 yield
                 return
             if self._pending and (
-                records < self.min_records or self._pending >= self.reclaim_every
+                self._pending >= self.reclaim_every
+                or (
+                    records < self.min_records
+                    and time.monotonic() - self._last_reclaim >= self.settle_s
+                )
             ):
                 self.reclaim()
             if records < self.min_records:
@@ -88,6 +101,7 @@ class BatchHeap:
         finally:
             gc.freeze()
         self._pending = 0
+        self._last_reclaim = time.monotonic()
         self.reclaims += 1
         return collected
 

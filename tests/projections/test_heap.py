@@ -4,6 +4,7 @@ and the garbage cycles a freeze catches are reclaimed."""
 from __future__ import annotations
 
 import gc
+import time
 import weakref
 
 import pytest
@@ -101,22 +102,29 @@ def test_garbage_cycles_caught_by_freezes_are_reclaimed_after_n_of_them() -> Non
     assert cycle() is None
 
 
-def test_the_first_small_batch_after_freezes_reclaims() -> None:
-    heap = BatchHeap(min_records=10, reclaim_every=1000)
+def test_a_small_batch_after_freezes_reclaims_at_most_once_a_settle_time() -> None:
+    heap = BatchHeap(min_records=10, reclaim_every=1000, settle_s=0.3)
     gc.enable()
     with heap.decoding(10):
         cycle = _frozen_cycle()
-    with heap.decoding(3):  # caught up: nothing stays frozen
+    with heap.decoding(3):  # caught up, but the last reclaim (creation) was just now
+        pass
+    assert heap.reclaims == 0 and cycle() is not None
+    time.sleep(0.3)
+    with heap.decoding(3):  # caught up and settled: nothing stays frozen
         pass
     assert heap.reclaims == 1 and cycle() is None
+    time.sleep(0.3)
     with heap.decoding(3):  # nothing pending: no more full collections
         pass
     assert heap.reclaims == 1
 
 
 async def test_the_projector_decodes_a_large_batch_off_the_collector(
-    redis_client, redis_namespace, shop_history
+    redis_client, redis_namespace, shop_history, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(HEAP, "min_records", 200)
+    monkeypatch.setattr(HEAP, "settle_s", 0.0)
     events = shop_history.register(1)
     for order in range(HEAP.min_records):
         events += shop_history.place(100 + order, 1)
