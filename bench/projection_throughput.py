@@ -202,8 +202,10 @@ class Worker:
         self.namespace = f"bench:{uuid.uuid4().hex[:8]}"
         self.url = f"http://127.0.0.1:{self.port}"
         self.app_id = f"bench-{uuid.uuid4().hex[:8]}"
+        # its own worker on loopback: no bearer token (one set for the dev worker would
+        # make every /status read of the benchmark a 401)
         self.env = {
-            **os.environ, "TOPIC_PREFIX": prefix, "REDIS_NAMESPACE": self.namespace,
+            **{k: v for k, v in os.environ.items() if k != "API_TOKEN"}, "TOPIC_PREFIX": prefix, "REDIS_NAMESPACE": self.namespace,
             "PROJECTIONS_APP_ID": self.app_id,
             "CLICKHOUSE_URL": f"chdb://{self.tmp / 'chdb'}", "PROJECTIONS_DATA_DIR": str(self.tmp / "data"),
             "QUERY_API": f"127.0.0.1:{self.port}", **(extra or {}),
