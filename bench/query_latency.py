@@ -100,7 +100,14 @@ def go_load(url: str, rps: int, seconds: float, ids: list[int]) -> dict[str, obj
     source = ROOT / "bench" / "loadgen" / "main.go"
     if not LOADGEN.exists() or LOADGEN.stat().st_mtime < source.stat().st_mtime:
         LOADGEN.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["go", "build", "-o", str(LOADGEN), str(source)], check=True, cwd=ROOT)
+        built = subprocess.run(
+            ["go", "build", "-o", str(LOADGEN), str(source)], cwd=ROOT, capture_output=True
+        )
+        if built.returncode != 0:
+            raise SystemExit(
+                f"cannot build bench/loadgen (go build exit {built.returncode}): "
+                f"{built.stderr.decode()[-2000:]}; or run with --client python"
+            )
     with tempfile.NamedTemporaryFile("w", suffix=".ids") as f:
         f.write("\n".join(map(str, ids)))
         f.flush()
