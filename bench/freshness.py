@@ -63,7 +63,12 @@ class WatermarkWatch:
         from aiokafka import AIOKafkaConsumer
 
         self.consumer = AIOKafkaConsumer(*self.topics, bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:59092"),
-                                         group_id=None, auto_offset_reset="latest")  # fmt: skip
+                                         group_id=None, auto_offset_reset="latest",
+                                         # as the worker's pipelines fetch (projections/app.py): with
+                                         # the defaults (1 byte, 500 ms) this watch alone made the
+                                         # broker answer hundreds of fetches a second, CPU taken from
+                                         # the pipeline it measures
+                                         fetch_min_bytes=32 * 1024, fetch_max_wait_ms=25)  # fmt: skip
         await self.consumer.start()
         self.task = asyncio.create_task(self._run())
 
