@@ -40,6 +40,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -61,6 +62,9 @@ log = logging.getLogger("projections")
 _MAX_LINE = 64 * 1024 * 1024
 _RESTART_MAX_S = 30.0
 _STOP_WAIT_S = 20.0
+# a command is not given up on (the child holds a pause until its batch in flight is
+# applied, however long a Redis outage lasts); the wait is logged at this interval
+_CALL_WARN_S = 30.0
 
 
 class RedisProcessError(RuntimeError):
@@ -226,7 +230,18 @@ class RedisProcess(Service):
         except (BrokenPipeError, ConnectionResetError) as exc:
             self._waiting.pop(self._next_id, None)
             raise RedisProcessError(f"the Redis pipeline's process is gone ({exc})") from None
-        await fut
+        started = time.monotonic()
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), _CALL_WARN_S)
+                return
+            except TimeoutError:
+                log.warning(
+                    "redis: the pipeline process has not answered %r for %.0f s: its batch in "
+                    "flight is still being applied (retried through a Redis outage? its log "
+                    "says), or it is stuck (pid %s); still waiting",
+                    op, time.monotonic() - started, proc.pid,
+                )  # fmt: skip
 
     @asynccontextmanager
     async def paused(self) -> AsyncIterator[None]:

@@ -91,3 +91,26 @@ async def test_a_child_that_dies_during_a_pause_is_replaced_only_after_it(starte
     await _until(lambda: proc.running and proc.proc is not None and proc.proc.pid != old)
     await _until(lambda: proc.progress.watermark() == lsn)
     assert proc.progress.events >= proc.expected_events  # the counts add up over restarts
+
+
+async def test_a_command_the_child_does_not_answer_is_logged_while_it_waits(
+    started, monkeypatch, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    """A stuck child (here stopped with SIGSTOP) makes a rebuild's or a restore's pause wait;
+    the wait is never silent, and the command completes once the child answers."""
+    import projections.redis_process as rp
+
+    proc, _ = started
+    monkeypatch.setattr(rp, "_CALL_WARN_S", 0.2)
+    assert proc.proc is not None
+    pid = proc.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        call = asyncio.ensure_future(proc.reseek())
+        await _until(lambda: "has not answered 'reseek'" in caplog.text, timeout=10)
+        assert not call.done()
+        assert f"pid {pid}" in caplog.text
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await asyncio.wait_for(call, 30)
+    assert proc.running and proc.proc is not None and proc.proc.pid == pid
