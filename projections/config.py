@@ -57,7 +57,7 @@ class Settings:
     app_id: str = "readside-projections"
     redis_namespace: str = "rs"
     data_dir: Path = field(default_factory=lambda: ROOT / ".local" / "projections")
-    batch_max: int = 2000
+    batch_max: int = 10000
     batch_wait_ms: int = 10
     clickhouse_batch_max: int = 20000
     clickhouse_batch_wait_ms: int = 500
@@ -96,7 +96,7 @@ class Settings:
             data_dir=Path(env["PROJECTIONS_DATA_DIR"])
             if env.get("PROJECTIONS_DATA_DIR")
             else ROOT / ".local" / "projections",
-            batch_max=_int(env, "PROJECTIONS_BATCH_MAX", 2000, 1, 100_000),
+            batch_max=_int(env, "PROJECTIONS_BATCH_MAX", 10_000, 1, 100_000),
             batch_wait_ms=_int(env, "PROJECTIONS_BATCH_WAIT_MS", 10, 1, 60_000),
             clickhouse_batch_max=_int(env, "PROJECTIONS_CH_BATCH_MAX", 20000, 1, 1_000_000),
             clickhouse_batch_wait_ms=_int(env, "PROJECTIONS_CH_BATCH_WAIT_MS", 500, 1, 60_000),

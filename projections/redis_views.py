@@ -17,6 +17,7 @@ accepted and ignored.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -32,6 +33,9 @@ from projections.positions import Position, PositionKey, min_watermark
 __all__ = ["STATUSES", "RedisViews", "RedisViewsError"]
 
 STATUSES: Final = ("pending", "paid", "shipped", "cancelled", "refunded")
+# Ops per script: a batch of more is applied as several scripts sent in one pipeline
+# (one round trip), so that reads wait for one part, never for a whole large batch.
+CHUNK_OPS: Final = 1000
 RECENT: Final = 20  # orders in a customer's recent list (apply.lua trims to it)
 
 _LUA = Path(__file__).with_name("lua")
@@ -145,8 +149,13 @@ def _act(old: str, new: str) -> str:
     return new if int(new) > int(old) else old
 
 
-def digest(events: Iterable[DomainEvent], fields: list[str]) -> tuple[int, int]:
+def digest(
+    events: Iterable[DomainEvent], fields: list[str], cuts: list[int] | None = None
+) -> tuple[int, int]:
     """Append the ops of `events` to `fields` (apply.lua's layout).
+
+    `cuts`, when given, receives the length of `fields` after every CHUNK_OPS ops: where
+    the batch may be cut into parts, each applied by a script of its own.
 
     Writes of one row within the batch are merged where apply.lua would end in the
     same state from the newest alone (the newest version of each payment and item,
@@ -274,7 +283,9 @@ def digest(events: Iterable[DomainEvent], fields: list[str]) -> tuple[int, int]:
                     merged += 1
                     if rv > held_child[0]:
                         order.payments[pid] = (rv, cents)
-    for slot in slots:
+    for n, slot in enumerate(slots):
+        if cuts is not None and n and n % CHUNK_OPS == 0:
+            cuts.append(len(fields))
         if slot.__class__ is not _Order:
             fields += slot
             continue
@@ -335,31 +346,58 @@ class RedisViews:
         self._read_user = client.register_script((_LUA / "read_user.lua").read_text())
         self._read_order = client.register_script((_LUA / "read_order.lua").read_text())
 
-    def prepare(self, events: list[DomainEvent]) -> str:
-        """The batch's ops in apply.lua's layout (the digest: Python work only)."""
+    def prepare(self, events: list[DomainEvent]) -> list[str]:
+        """The batch's ops in apply.lua's layout, in parts of at most CHUNK_OPS ops (the
+        digest: Python work only)."""
         fields: list[str] = []
-        digest(events, fields)
-        return _SEP.join(fields) + _SEP if fields else ""
+        cuts: list[int] = []
+        digest(events, fields, cuts)
+        if not fields:
+            return [""]
+        ends = [c for c in cuts if 0 < c < len(fields)] + [len(fields)]
+        parts, start = [], 0
+        for end in ends:
+            parts.append(_SEP.join(fields[start:end]) + _SEP)
+            start = end
+        return parts
 
     async def apply(
         self,
         events: list[DomainEvent],
         positions: dict[PositionKey, Position],
-        prepared: str | None = None,
+        prepared: list[str] | None = None,
     ) -> None:
-        """Apply a batch and store its positions: one EVALSHA, atomic in Redis.
+        """Apply a batch and store its positions, in one round trip: one EVALSHA, atomic
+        in Redis, or for a batch of more than CHUNK_OPS ops one per part, pipelined.
+
+        The positions go with the last part, and a part runs only if the one before it
+        succeeded (apply.lua's gate): a part that fails leaves the positions where they
+        were, so the batch is delivered again, and the guards make what the parts before
+        it applied harmless to apply again. A reader may see a batch's first parts
+        before its last; a read with min_lsn waits for its positions.
 
         `prepared`: prepare(events), when it was done ahead (the pipeline digests
         the next batch while Redis applies this one)."""
         head: list[str] = [str(len(positions))]
         for (topic, partition), pos in positions.items():
             head += (f"{topic}:{partition}", f"{pos.offset:020d}", f"{pos.watermark:020d}")
-        ops = self.prepare(events) if prepared is None else prepared
-        payload = _SEP.join(head) + _SEP + ops
-        applied, skipped = await self._apply(args=[self.namespace, payload])
+        parts = self.prepare(events) if prepared is None else prepared
+        last = _SEP.join(head) + _SEP + parts[-1]
+        if len(parts) == 1:
+            results = [await self._apply(args=[self.namespace, last])]
+        else:
+            gate = uuid.uuid4().hex
+            n = len(parts)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for k, ops in enumerate(parts[:-1], 1):
+                    payload = "0" + _SEP + ops
+                    await self._apply(args=[self.namespace, payload, gate, k, n], client=pipe)
+                await self._apply(args=[self.namespace, last, gate, n, n], client=pipe)
+                results = await pipe.execute()
         self.events_applied += len(events)
-        self.ops_applied += int(applied)
-        self.ops_skipped += int(skipped)
+        for applied, skipped in results:
+            self.ops_applied += int(applied)
+            self.ops_skipped += int(skipped)
 
     async def user(self, customer_id: str) -> dict[str, Any] | None:
         """The customer's view, JSON-ready; None when nothing is known of it."""

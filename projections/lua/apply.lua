@@ -26,11 +26,23 @@
 -- in µs since the epoch.
 -- A row is stored whole as one JSON field (@row): every argument of a Redis
 -- call costs, and a row has many columns.
+-- ARGV[3..5], for a batch applied in parts (several scripts in one pipeline;
+-- projections/redis_views.py): a token of the batch, this part's number k and
+-- the number of parts n. Part k > 1 runs only if part k - 1 succeeded (it left
+-- ns:part:<token> = k - 1); only the last part carries positions.
 -- Returns {row changes applied, row changes skipped as replayed or older}.
 
 local call = redis.call
 local sbyte, ssub, sfind = string.byte, string.sub, string.find
 local ns = ARGV[1]
+local gate, part, parts = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+if gate then
+  gate = ns .. ':part:' .. gate
+  if part > 1 and call('GET', gate) ~= tostring(part - 1) then
+    return redis.error_reply('redis views: part ' .. part .. ' of ' .. parts .. ' of a batch '
+      .. 'not applied: the part before it failed (the batch is delivered again)')
+  end
+end
 local TRUNC = ns .. ':truncated'
 local ZERO = string.rep('0', 35)
 local RECENT = 20
@@ -617,4 +629,7 @@ while i <= nargs do
 end
 flush()
 store_positions()
+if gate then
+  if part < parts then call('SET', gate, part, 'EX', 3600) else call('DEL', gate) end
+end
 return { applied, skipped }

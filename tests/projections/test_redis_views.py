@@ -627,6 +627,60 @@ async def test_a_batch_failing_half_way_leaves_the_positions_where_they_were(
     assert await views.positions() == at(3, watermark=300)
 
 
+def _orders(shop: Shop, first: int, n: int) -> list[DomainEvent]:
+    events: list[DomainEvent] = []
+    for oid in range(first, first + n):
+        events += shop.place(oid, 1, ["2.50", "1.25"]) + shop.pay(oid)
+    return events
+
+
+async def test_a_batch_of_more_ops_than_a_script_takes_is_applied_in_parts_alike(
+    client: redis.Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shop = Shop()
+    events = shop.register(1) + shop.register(2) + _orders(shop, 10, 7) + shop.cancel(12)
+    events += shop.change_profile(2, full_name="Bo") + shop.ship(10)
+    whole = RedisViews(client, f"{namespace}:a")
+    await whole.apply(events, at(9, watermark=900))
+    monkeypatch.setattr("projections.redis_views.CHUNK_OPS", 3)
+    parted = RedisViews(client, f"{namespace}:b")
+    # 10 ops: 3 customer writes (a profile change has another shape than the register it
+    # follows, so they do not merge) and 7 orders
+    assert len(parted.prepare(events)) == 4
+    await parted.apply(events, at(9, watermark=900))
+    a = await dump(client, f"{namespace}:a", positions=True)
+    b = await dump(client, f"{namespace}:b", positions=True)
+    assert {k[len(namespace) + 2 :]: v for k, v in a.items()} == {
+        k[len(namespace) + 2 :]: v for k, v in b.items()
+    }  # the same views and positions, and no part key left behind
+    assert parted.ops_applied == whole.ops_applied and parted.events_applied == len(events)
+    await parted.apply(events, at(9, watermark=900))  # redelivered whole: nothing changes
+    assert await dump(client, f"{namespace}:b", positions=True) == b
+
+
+async def test_a_part_that_fails_stops_the_parts_after_it_and_the_positions(
+    views: RedisViews, client: redis.Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shop = Shop()
+    await views.apply(shop.register(1), at(1, watermark=100))
+    events = _orders(shop, 10, 6)  # one op per order: parts 10-11, 12-13, 14-15
+    monkeypatch.setattr("projections.redis_views.CHUNK_OPS", 2)
+    await client.set(f"{namespace}:order:12", "in the way")  # WRONGTYPE in the 2nd part
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        await views.apply(events, at(5, watermark=500))
+    assert await views.positions() == at(1, watermark=100)
+    assert await views.order("11") is not None  # the 1st part stays: replays are harmless
+    assert await views.order("14") is None and await views.order("15") is None  # refused
+    assert (await views.user("1"))["orders"] == 2  # type: ignore[index]
+    # the gate of the failed batch expires on its own
+    gates = [k async for k in client.scan_iter(match=f"{namespace}:part:*")]
+    assert len(gates) == 1 and 0 < await client.ttl(gates[0]) <= 3600
+    await client.delete(f"{namespace}:order:12")
+    await views.apply(events, at(5, watermark=500))  # redelivered: applies cleanly
+    assert (await views.user("1"))["orders"] == 6  # type: ignore[index]
+    assert await views.positions() == at(5, watermark=500)
+
+
 async def test_watermark_is_the_minimum_over_partitions(views: RedisViews) -> None:
     await views.apply([], {(TOPIC, 0): Position(1, 900), (TOPIC, 1): Position(1, 700)})
     await views.apply([], {("shop.customer.events", 0): Position(1, 800)})
