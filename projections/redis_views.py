@@ -3,9 +3,10 @@
 Python digests a batch of domain events into compact row writes (one op per
 row change in the events' ``changes``, a row's writes in one batch merged where
 the newest stands for them all); one Lua script (projections/lua/apply.lua)
-applies them and the batch's Kafka positions in a single EVALSHA, guarded by
-row version, so a replayed or older event never moves a view backwards or
-counts twice. docs/redis-views.md describes the keys.
+applies them and the batch's Kafka positions in a single EVALSHA (a batch of
+more than CHUNK_OPS ops: one per part, pipelined, the positions with the last),
+guarded by row version, so a replayed or older event never moves a view
+backwards or counts twice. docs/redis-views.md describes the keys.
 
 The views are projected from the row images of the envelopes, not from the
 event types: every event type of the catalogue (snapshot reads, deletes,
@@ -26,6 +27,7 @@ from typing import Any, Final
 
 import orjson
 import redis.asyncio as redis
+from redis.exceptions import NoScriptError
 
 from cdc.events import DomainEvent
 from projections.positions import Position, PositionKey, min_watermark
@@ -386,18 +388,32 @@ class RedisViews:
         if len(parts) == 1:
             results = [await self._apply(args=[self.namespace, last])]
         else:
-            gate = uuid.uuid4().hex
-            n = len(parts)
-            async with self.client.pipeline(transaction=False) as pipe:
-                for k, ops in enumerate(parts[:-1], 1):
-                    payload = "0" + _SEP + ops
-                    await self._apply(args=[self.namespace, payload, gate, k, n], client=pipe)
-                await self._apply(args=[self.namespace, last, gate, n, n], client=pipe)
-                results = await pipe.execute()
+            results = await self._apply_parts(parts, last)
         self.events_applied += len(events)
         for applied, skipped in results:
             self.ops_applied += int(applied)
             self.ops_skipped += int(skipped)
+
+    async def _apply_parts(self, parts: list[str], last: str) -> list[Any]:
+        """The parts as EVALSHAs in one pipeline: one round trip (redis-py's Script on a
+        pipeline would ask SCRIPT EXISTS first, a second one). If Redis lost the script
+        (a restart), no part ran past the gate: load it, send the batch again."""
+        n = len(parts)
+        for attempt in (1, 2):
+            gate = uuid.uuid4().hex
+            pipe = self.client.pipeline(transaction=False)
+            for k, ops in enumerate(parts[:-1], 1):
+                pipe.evalsha(self._apply.sha, 0, self.namespace, "0" + _SEP + ops, gate, k, n)
+            pipe.evalsha(self._apply.sha, 0, self.namespace, last, gate, n, n)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            errors = [r for r in results if isinstance(r, Exception)]
+            if not errors:
+                return results
+            if attempt == 1 and any(isinstance(e, NoScriptError) for e in errors):
+                await self.client.script_load(self._apply.script)
+                continue
+            raise errors[0]  # the part that failed: those after it refused
+        raise AssertionError("unreachable")
 
     async def user(self, customer_id: str) -> dict[str, Any] | None:
         """The customer's view, JSON-ready; None when nothing is known of it."""

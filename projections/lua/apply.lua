@@ -1,5 +1,6 @@
--- One batch of the Redis user views, applied atomically: guarded row writes
--- plus the Kafka positions they reflect. docs/redis-views.md describes the keys.
+-- One batch of the Redis user views (or one part of it), applied atomically:
+-- guarded row writes plus the Kafka positions they reflect (in the last part).
+-- docs/redis-views.md describes the keys.
 --
 -- ARGV[1] namespace, ARGV[2] the batch: fields each ended by \31 (ASCII unit
 -- separator, which JSON text never holds raw). One string instead of one

@@ -23,6 +23,7 @@ import redis.asyncio as redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import projections.redis_views as rv
 from cdc.changes import RowChange
 from cdc.events import DomainEvent
 from cdc.mapping import TransactionMapper
@@ -658,6 +659,32 @@ async def test_a_batch_of_more_ops_than_a_script_takes_is_applied_in_parts_alike
     assert await dump(client, f"{namespace}:b", positions=True) == b
 
 
+async def test_a_batch_in_parts_is_one_round_trip_and_survives_a_script_flush(
+    views: RedisViews, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shop = Shop()
+    monkeypatch.setattr("projections.redis_views.CHUNK_OPS", 2)
+    await views.apply(shop.register(1), at(1))
+    exists_before = (await client.info("commandstats")).get("cmdstat_script|exists", {})
+    pipelines: list[int] = []
+    execute = redis.client.Pipeline.execute
+
+    async def counted(self, raise_on_error=True):  # type: ignore[no-untyped-def]
+        pipelines.append(len(self.command_stack))
+        return await execute(self, raise_on_error)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", counted)
+    await views.apply(_orders(shop, 10, 5), at(2))  # 5 ops: 3 parts
+    assert pipelines == [3]  # the three EVALSHAs, sent together
+    exists_after = (await client.info("commandstats")).get("cmdstat_script|exists", {})
+    assert exists_after == exists_before  # and nothing asked before them
+    await client.script_flush()  # as after a Redis restart: NOSCRIPT to every part
+    await views.apply(_orders(shop, 20, 5), at(3))
+    assert pipelines == [3, 3, 3]  # sent again once the script was loaded
+    assert (await views.user("1"))["orders"] == 10  # type: ignore[index]
+    assert await views.positions() == at(3)
+
+
 async def test_a_part_that_fails_stops_the_parts_after_it_and_the_positions(
     views: RedisViews, client: redis.Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -833,12 +860,16 @@ def test_writes_merged_in_a_batch_end_as_if_applied_one_by_one(data: st.DataObje
     if data.draw(st.booleans()):
         batch.sort(key=lambda e: e.version)
 
+    chunk = data.draw(st.sampled_from([rv.CHUNK_OPS, 1, 2, 3]))  # the batch in parts too
+
     async def run() -> None:
         client = redis.Redis.from_url(VIEWS_URL)
         base = f"test:{uuid.uuid4().hex}"
+        saved, rv.CHUNK_OPS = rv.CHUNK_OPS, chunk
         try:
             await merged_against_one_by_one(client, base, events, k, batch)
         finally:
+            rv.CHUNK_OPS = saved
             await delete_namespace(client, base)
             await client.aclose()
 
