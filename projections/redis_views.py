@@ -401,11 +401,11 @@ class RedisViews:
         n = len(parts)
         for attempt in (1, 2):
             gate = uuid.uuid4().hex
-            pipe = self.client.pipeline(transaction=False)
-            for k, ops in enumerate(parts[:-1], 1):
-                pipe.evalsha(self._apply.sha, 0, self.namespace, "0" + _SEP + ops, gate, k, n)
-            pipe.evalsha(self._apply.sha, 0, self.namespace, last, gate, n, n)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for k, ops in enumerate(parts[:-1], 1):
+                    pipe.evalsha(self._apply.sha, 0, self.namespace, "0" + _SEP + ops, gate, k, n)
+                pipe.evalsha(self._apply.sha, 0, self.namespace, last, gate, n, n)
+                results: list[Any] = await pipe.execute(raise_on_error=False)
             errors = [r for r in results if isinstance(r, Exception)]
             if not errors:
                 return results
