@@ -5,7 +5,7 @@
 Events are made by cdc's TransactionMapper from row changes shaped like the
 writer's commands (register, place with 1-4 items, pay, ship, cancel, refund,
 profile changes with an unchanged TOASTed bio), then applied with
-RedisViews.apply, one EVALSHA per batch, to the local Redis (REDIS_URL) under
+RedisViews.apply, one round trip per batch (one EVALSHA per 1,000 ops), to the local Redis (REDIS_URL) under
 a namespace of its own that is deleted afterwards. Prints JSON: events/s of
 the whole apply (Python digest + Redis), batch latency percentiles, and the
 share of time spent digesting in Python. --profile prints a pyinstrument

@@ -32,9 +32,9 @@ heap, 78 ms with no batch alive and ~600 ms with two 20,000-event batches.
 At the start of a window only the batch being applied is alive.
 ``min_records`` is 5,000: below it two batches alive (~150,000 objects) stay
 under the worker's collection threshold of 300,000 young objects, so the
-collector never walked them anyway; so the Redis process (batches of at most
-2,000) and a pipeline keeping up are left to the collector as they were, as
-is a collector someone else turned off.
+collector never walked them anyway; so a pipeline keeping up is left to the
+collector as it was (the Redis process's batches, up to 10,000 records, freeze
+only while it catches up), as is a collector someone else turned off.
 """
 
 from __future__ import annotations

@@ -356,9 +356,8 @@ class RedisViews:
         digest(events, fields, cuts)
         if not fields:
             return [""]
-        ends = [c for c in cuts if 0 < c < len(fields)] + [len(fields)]
         parts, start = [], 0
-        for end in ends:
+        for end in [*cuts, len(fields)]:  # cuts fall between ops: never at 0 or the end
             parts.append(_SEP.join(fields[start:end]) + _SEP)
             start = end
         return parts
