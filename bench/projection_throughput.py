@@ -1,6 +1,7 @@
 """Benchmark: one projection worker draining a topic pre-filled with >= 1M events into Redis and ClickHouse.
 
     .venv/bin/python bench/projection_throughput.py [--events 1000000] [--prefix benchproj]
+        [--only redis|clickhouse]
 
 The topics ``<prefix>.{order,customer,product}.events`` (6 partitions) are
 filled once with the writer's command mix as cdc would publish it
@@ -11,7 +12,9 @@ fresh Redis namespace and chdb directory and the clock runs until each
 projection's watermark reaches the last one published. Prints JSON: events/s
 per projection (both run at once in the one worker, as deployed: ClickHouse in
 the worker's process, Redis in its child process), the CPU seconds of each,
-and those of the Redis server.
+and those of the Redis server. ``--only`` runs a worker with that projection
+alone (PROJECTIONS): what one projection can do when it has the machine's
+cores to itself, against what both do sharing them.
 """
 
 from __future__ import annotations
@@ -279,21 +282,23 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--prefix", default="benchproj")
     parser.add_argument("--refill", action="store_true")
+    parser.add_argument("--only", choices=("redis", "clickhouse"), help="run this projection alone")
     args = parser.parse_args()
+    names = (args.only,) if args.only else ("redis", "clickhouse")
 
     found = None if args.refill else topic_counts(args.prefix)
     if found is None or found[0] < args.events:
         found = fill(args.prefix, args.events)
     records, final = found
 
-    worker = Worker(args.prefix)
+    worker = Worker(args.prefix, {"PROJECTIONS": ",".join(names)})
     try:
         started = worker.start()
         stall0 = cpu_stall_us()
         redis_cpu0 = redis_server_cpu_s()
         done: dict[str, float] = {}
         samples: list[dict[str, Any]] = []
-        while len(done) < 2 and time.monotonic() - started < 1800:
+        while len(done) < len(names) and time.monotonic() - started < 1800:
             status = worker.status()
             now = time.monotonic()
             for name, p in status["projections"].items():
@@ -317,14 +322,14 @@ def main() -> None:
                 "events_per_s": round(status["projections"][name]["events_applied"] / done[name]) if name in done else None,
                 "records_per_s": round(records / done[name]) if name in done else None,
             }
-            for name in ("redis", "clickhouse")
+            for name in names
         },
         "target_events_per_s": 20_000,
-        # contention-independent: events of both projections per CPU second of the worker
+        # contention-independent: events of the projections per CPU second of the worker
         # (its own process, ClickHouse's pipeline and chdb, and its Redis pipeline's)
         "worker_cpu_s": cpu,
         "events_per_worker_cpu_s": round(
-            sum(status["projections"][n]["events_applied"] for n in ("redis", "clickhouse"))
+            sum(status["projections"][n]["events_applied"] for n in names)
             / sum(cpu.values())
         ),
         # what applying the views costs Redis itself (the Lua script, the AOF), for the

@@ -26,7 +26,7 @@ from aiohttp import web
 from faust.web import Request, Response, View
 
 from cdc.lsn import format_lsn, parse_lsn
-from projections.app import Progress, Runtime
+from projections.app import ClickHouseAdapter, Progress, Runtime
 
 __all__ = ["register_routes"]
 
@@ -148,9 +148,10 @@ def _auth_middleware(token: str | None, runtime: Runtime) -> Any:
 
 def register_routes(app: faust.App, runtime: Runtime) -> None:
     """The query API's views on the Faust app's web server."""
-    redis_progress = runtime.progress("redis")
-    ch_progress = runtime.progress("clickhouse")
-    ch = runtime.clickhouse
+    def progress(name: str) -> Progress | web.Response:
+        """The projection's progress, or the 503 of a worker that does not run it."""
+        why = runtime.not_run(name)
+        return runtime.progress(name) if why is None else _error(503, why)
 
     @app.page("/health")
     class Health(View):
@@ -185,7 +186,10 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
         async def get(self, request: Request, customer_id: str) -> Response:
             cid = _id(customer_id, "user")
             min_lsn, timeout_s = _consistency(request.query)
-            fresh = await _fresh(redis_progress, min_lsn, timeout_s)
+            views = progress("redis")
+            if isinstance(views, web.Response):
+                return views  # type: ignore[return-value]
+            fresh = await _fresh(views, min_lsn, timeout_s)
             if isinstance(fresh, web.Response):
                 return fresh  # type: ignore[return-value]
             view = await runtime.redis.views.user(cid)
@@ -204,7 +208,10 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
         async def get(self, request: Request, order_id: str) -> Response:
             oid = _id(order_id, "order")
             min_lsn, timeout_s = _consistency(request.query)
-            fresh = await _fresh(redis_progress, min_lsn, timeout_s)
+            views = progress("redis")
+            if isinstance(views, web.Response):
+                return views  # type: ignore[return-value]
+            fresh = await _fresh(views, min_lsn, timeout_s)
             if isinstance(fresh, web.Response):
                 return fresh  # type: ignore[return-value]
             view = await runtime.redis.views.order(oid)
@@ -218,16 +225,22 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
             view["watermark"] = format_lsn(fresh)
             return _json(view, watermark=fresh)  # type: ignore[return-value]
 
-    async def _analytics(request: Request, run: Callable[[], Awaitable[Any]]) -> web.Response:
+    async def _analytics(
+        request: Request, run: Callable[[ClickHouseAdapter], Awaitable[Any]]
+    ) -> web.Response:
         from projections.analytics import AnalyticsError
         from projections.clickhouse_backend import BackendError
 
         min_lsn, timeout_s = _consistency(request.query)
-        fresh = await _fresh(ch_progress, min_lsn, timeout_s)
+        analytics = progress("clickhouse")
+        if isinstance(analytics, web.Response):
+            return analytics
+        assert runtime.clickhouse is not None  # it runs the projection
+        fresh = await _fresh(analytics, min_lsn, timeout_s)
         if isinstance(fresh, web.Response):
             return fresh
         try:
-            result = await run()
+            result = await run(runtime.clickhouse)
         except AnalyticsError as exc:
             return _error(400, str(exc), watermark=format_lsn(fresh), watermark_lsn=fresh)
         except BackendError as exc:
@@ -250,7 +263,7 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
             if group_by not in ("day", "product", "category"):
                 raise BadRequest(f"group_by={group_by[:20]!r}; expected day, product or category")
 
-            async def run() -> dict[str, Any]:
+            async def run(ch: ClickHouseAdapter) -> dict[str, Any]:
                 rows = await ch.query(ch.sink.revenue, start, end, group_by)
                 return {
                     "from": start.isoformat(),
@@ -266,7 +279,7 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
         async def get(self, request: Request) -> Response:
             start, end = _date(request.query, "from"), _date(request.query, "to")
 
-            async def run() -> dict[str, Any]:
+            async def run(ch: ClickHouseAdapter) -> dict[str, Any]:
                 result: dict[str, Any] = await ch.query(ch.sink.funnel, start, end)
                 return result
 
@@ -294,7 +307,7 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
                 raise BadRequest(f"max_rows must be an integer from 1 to {SQL_MAX_ROWS}")
             sql = body["sql"]
 
-            async def run() -> dict[str, Any]:
+            async def run(ch: ClickHouseAdapter) -> dict[str, Any]:
                 columns, rows = await ch.query(ch.sink.readonly_query, sql, max_rows, SQL_TIMEOUT_S)
                 return {"columns": list(columns), "rows": rows, "row_count": len(rows)}
 
@@ -317,6 +330,8 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
         async def post(self, request: Request) -> Response:
             try:
                 return _json(await create_snapshot(runtime, snapshots), 201)  # type: ignore[return-value]
+            except SnapshotError as exc:
+                return _error(400, str(exc))  # type: ignore[return-value]
             except RedisProcessError as exc:
                 return _error(503, str(exc))  # type: ignore[return-value]
 

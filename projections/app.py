@@ -925,7 +925,10 @@ class Runtime:
     metrics: ProjectionMetrics
     dlq: DeadLetterQueue
     redis: RedisAdapter
-    clickhouse: ClickHouseAdapter
+    # None when this worker does not run the ClickHouse projection (PROJECTIONS): its
+    # store is not opened (an embedded one is another worker's)
+    clickhouse: ClickHouseAdapter | None
+    # the projections this worker runs (settings.projections), by name
     pipelines: dict[str, LivePipeline]
 
     def progress(self, name: str) -> Progress:
@@ -939,15 +942,26 @@ class Runtime:
             *(p.metrics_text for p in self.pipelines.values() if isinstance(p, RedisProcess))
         )
 
+    def not_run(self, name: str) -> str | None:
+        """Why this worker cannot serve the projection `name`, or None when it runs it."""
+        if name in self.pipelines:
+            return None
+        return (
+            f"this worker does not run the {name} projection "
+            f"(PROJECTIONS={','.join(self.settings.projections)}); ask a worker that does"
+        )
+
     async def close(self) -> None:
         await self.dlq.stop()
         await self.redis.close()
-        await self.clickhouse.close()
+        if self.clickhouse is not None:
+            await self.clickhouse.close()
 
 
 def build_runtime(settings: Settings, *, log_level: str = "info", json_logs: bool = False) -> Runtime:
-    """The sinks and pipelines: ClickHouse in this process, Redis in a child process
-    (its own interpreter lock: a ClickHouse batch never delays the Redis views)."""
+    """The sinks and pipelines of the projections the worker runs (settings.projections):
+    ClickHouse in this process, Redis in a child process (its own interpreter lock: a
+    ClickHouse batch never delays the Redis views)."""
     from projections.redis_process import RedisProcess
 
     metrics = ProjectionMetrics()
@@ -959,23 +973,25 @@ def build_runtime(settings: Settings, *, log_level: str = "info", json_logs: boo
         )
     )
     redis_sink = RedisAdapter(client, settings.redis_namespace)
-    try:
-        ch_sink = ClickHouseAdapter(settings.clickhouse_url)
-    except Exception as exc:
-        raise RuntimeError(
-            f"cannot open ClickHouse at {mask_url(settings.clickhouse_url)}: {exc}"
-        ) from None
-    pipelines: dict[str, LivePipeline] = {
-        "redis": RedisProcess(settings, log_level=log_level, json_logs=json_logs),
-        "clickhouse": Pipeline(
+    pipelines: dict[str, LivePipeline] = {}
+    if "redis" in settings.projections:
+        pipelines["redis"] = RedisProcess(settings, log_level=log_level, json_logs=json_logs)
+    ch_sink = None
+    if "clickhouse" in settings.projections:
+        try:
+            ch_sink = ClickHouseAdapter(settings.clickhouse_url)
+        except Exception as exc:
+            raise RuntimeError(
+                f"cannot open ClickHouse at {mask_url(settings.clickhouse_url)}: {exc}"
+            ) from None
+        pipelines["clickhouse"] = Pipeline(
             Projector(ch_sink, dlq, metrics),
             bootstrap=settings.kafka_bootstrap,
             group_id=f"{settings.app_id}.clickhouse",
             topics=settings.topics,
             batch_max=settings.clickhouse_batch_max,
             batch_wait_s=settings.clickhouse_batch_wait_ms / 1000,
-        ),
-    }
+        )
     return Runtime(settings, metrics, dlq, redis_sink, ch_sink, pipelines)
 
 
@@ -1016,7 +1032,8 @@ def build_app(settings: Settings, runtime: Runtime) -> faust.App:
 
     @app.task  # type: ignore[untyped-decorator]
     async def _start_pipelines() -> None:
-        await runtime.redis.resolve()
+        if "redis" in runtime.pipelines:
+            await runtime.redis.resolve()
         for pipeline in runtime.pipelines.values():
             await app.add_runtime_dependency(cast(Service, pipeline))
 

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["AGGREGATES", "REDIS_AGGREGATES", "ConfigError", "Settings", "mask_url"]
+__all__ = ["AGGREGATES", "PROJECTIONS", "REDIS_AGGREGATES", "ConfigError", "Settings", "mask_url"]
 
 ROOT = Path(__file__).resolve().parent.parent
 # The aggregates whose topics the projections consume (cdc/rules.py AGGREGATES).
@@ -18,6 +18,8 @@ AGGREGATES = ("order", "customer", "product")
 # the Redis pipeline does not fetch and decode them. Watermarks are on every partition of
 # every topic, so its watermark over these topics' partitions is exact for its views.
 REDIS_AGGREGATES = ("order", "customer")
+# The projections a worker can run; PROJECTIONS picks some (all by default).
+PROJECTIONS = ("redis", "clickhouse")
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -43,6 +45,20 @@ def _int(env: os._Environ[str] | dict[str, str], name: str, default: int, lo: in
     return value
 
 
+def _projections(raw: str | None) -> tuple[str, ...]:
+    """PROJECTIONS: the comma-separated projections this worker runs (all when unset)."""
+    if raw is None or not raw.strip():
+        return PROJECTIONS
+    names = [n.strip() for n in raw.split(",")]
+    unknown = [n for n in names if n not in PROJECTIONS]
+    if unknown:
+        raise ConfigError(
+            f"PROJECTIONS={raw!r}: unknown projection(s) {unknown}; expected a comma-separated "
+            f"list of {', '.join(PROJECTIONS)}"
+        )
+    return tuple(n for n in PROJECTIONS if n in names)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     kafka_bootstrap: str
@@ -61,6 +77,7 @@ class Settings:
     batch_wait_ms: int = 10
     clickhouse_batch_max: int = 20000
     clickhouse_batch_wait_ms: int = 500
+    projections: tuple[str, ...] = PROJECTIONS
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -100,6 +117,7 @@ class Settings:
             batch_wait_ms=_int(env, "PROJECTIONS_BATCH_WAIT_MS", 10, 1, 60_000),
             clickhouse_batch_max=_int(env, "PROJECTIONS_CH_BATCH_MAX", 20000, 1, 1_000_000),
             clickhouse_batch_wait_ms=_int(env, "PROJECTIONS_CH_BATCH_WAIT_MS", 500, 1, 60_000),
+            projections=_projections(env.get("PROJECTIONS")),
         )
         for name, value in (
             ("TOPIC_PREFIX", settings.topic_prefix),

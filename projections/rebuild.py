@@ -53,6 +53,7 @@ from projections.bulk_load import (
     tables_for,
     trim_recent,
 )
+from projections.config import PROJECTIONS
 from projections.positions import Position, PositionKey
 from projections.upcasting import UPCASTERS
 
@@ -129,9 +130,12 @@ class Rebuilder:
     def start(self, projections: list[str], source: str) -> RebuildState:
         if self.state is not None and self.state.status in ("running", "switching"):
             raise RuntimeError(f"rebuild {self.state.id} is still {self.state.status}")
-        unknown = [p for p in projections if p not in self.runtime.pipelines]
+        unknown = [p for p in projections if p not in PROJECTIONS]
         if unknown or not projections:
             raise ValueError(f"unknown projection(s) {unknown}; use redis, clickhouse or all")
+        for name in projections:
+            if (why := self.runtime.not_run(name)) is not None:
+                raise ValueError(why)
         if source not in ("topics", "snapshot"):
             raise ValueError(f"source {source!r}: use topics or snapshot")
         self.state = RebuildState(

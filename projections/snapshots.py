@@ -30,6 +30,7 @@ import orjson
 import redis.asyncio as redis
 
 from cdc.lsn import format_lsn
+from projections.config import PROJECTIONS
 from projections.positions import Position, PositionKey, min_watermark
 
 __all__ = ["SnapshotError", "SnapshotStore"]
@@ -201,7 +202,15 @@ def restore_clickhouse(backend: Any, database: str, snapshot_db: str) -> dict[st
 # ---- the worker's side: pause, save or restore, resume
 
 
+def _both_run(runtime: Any) -> None:
+    """A snapshot holds both projections at one point: only a worker running both takes or restores one."""
+    for name in PROJECTIONS:
+        if (why := runtime.not_run(name)) is not None:
+            raise SnapshotError(f"a snapshot holds both projections at one point; {why}")
+
+
 async def create_snapshot(runtime: Any, store: SnapshotStore) -> dict[str, Any]:
+    _both_run(runtime)
     snapshot_id = store.new_id()
     pipelines = runtime.pipelines
     path = store.path(snapshot_id)
@@ -236,6 +245,7 @@ async def create_snapshot(runtime: Any, store: SnapshotStore) -> dict[str, Any]:
 
 
 async def restore_snapshot(runtime: Any, store: SnapshotStore, snapshot_id: str) -> dict[str, Any]:
+    _both_run(runtime)
     meta = store.read_meta(snapshot_id)
     path = store.path(snapshot_id)
     if meta["redis"]["namespace"] != runtime.redis.namespace:

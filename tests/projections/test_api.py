@@ -250,3 +250,28 @@ def test_the_api_binds_loopback_by_default() -> None:
 
     settings = Settings.from_env({})
     assert (settings.api_host, settings.api_port) == ("127.0.0.1", 6066)
+
+
+@pytest.mark.parametrize(
+    ("raw", "runs"),
+    [
+        (None, ("redis", "clickhouse")),
+        ("", ("redis", "clickhouse")),
+        ("clickhouse", ("clickhouse",)),
+        (" clickhouse , redis", ("redis", "clickhouse")),
+        ("redis,redis", ("redis",)),
+    ],
+)
+def test_projections_picks_what_a_worker_runs(raw: str | None, runs: tuple[str, ...]) -> None:
+    from projections.config import Settings
+
+    env = {} if raw is None else {"PROJECTIONS": raw}
+    assert Settings.from_env(env).projections == runs
+
+
+@pytest.mark.parametrize("raw", ["views", "redis,", "redis;clickhouse"])
+def test_an_unknown_projection_is_named(raw: str) -> None:
+    from projections.config import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match=r"PROJECTIONS=.*unknown projection.*redis, clickhouse"):
+        Settings.from_env({"PROJECTIONS": raw})

@@ -225,3 +225,36 @@ def test_the_redis_process_is_restarted_when_it_dies_and_never_outlives_the_work
     while time.monotonic() < deadline and _pid_alive(second):
         time.sleep(0.1)
     assert not _pid_alive(second), "the Redis process outlived the worker"
+
+
+def test_the_projections_split_over_two_workers_each_serve_their_own(  # type: ignore[no-untyped-def]
+    event_topics: EventTopics, worker_factory, shop_history: ShopHistory, redis_namespace: str
+) -> None:
+    """PROJECTIONS: one worker runs the Redis views, another ClickHouse, on one chdb
+    directory (the Redis worker never opens it). Each serves its projection's reads,
+    answers the other's with 503 and what to do, and refuses a snapshot of both."""
+    events = _history(shop_history, customers=3, orders=8)
+    lsn = shop_history.lsn + 0x10000
+    event_topics.publish(events, watermark=lsn)
+    views = worker_factory(event_topics.prefix, redis_namespace, PROJECTIONS="redis")
+    analytics = worker_factory(event_topics.prefix, redis_namespace, PROJECTIONS="clickhouse")
+    views.start()
+    analytics.start()
+    assert set(_wait_caught_up(views, lsn)["projections"]) == {"redis"}
+    assert set(_wait_caught_up(analytics, lsn)["projections"]) == {"clickhouse"}
+    assert len(views.children()) == 1 and analytics.children() == []  # the Redis process
+
+    code, user, _ = views.get(f"/users/1?min_lsn={format_lsn(lsn)}")
+    assert code == 200 and user["orders"] == sum(1 for o in shop_history.orders.values() if o["customer_id"] == 1)
+    code, body = analytics.post("/analytics/sql", {"sql": "SELECT count() FROM orders_v"})
+    assert code == 200 and body["rows"] == [[8]]
+
+    code, body, _ = analytics.get("/users/1")
+    assert code == 503
+    assert "does not run the redis projection (PROJECTIONS=clickhouse)" in body["error"]
+    code, body = views.post("/analytics/sql", {"sql": "SELECT 1"})
+    assert code == 503 and "does not run the clickhouse projection" in body["error"]
+    code, body = views.post("/admin/rebuild", {"projections": ["clickhouse"]})
+    assert code == 400 and "does not run the clickhouse projection" in body["error"]
+    code, body = analytics.post("/admin/snapshots", {})
+    assert code == 400 and "a snapshot holds both projections" in body["error"]
