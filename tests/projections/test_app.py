@@ -258,3 +258,13 @@ def test_the_projections_split_over_two_workers_each_serve_their_own(  # type: i
     assert code == 400 and "does not run the clickhouse projection" in body["error"]
     code, body = analytics.post("/admin/snapshots", {})
     assert code == 400 and "a snapshot holds both projections" in body["error"]
+
+    # "all" is what the worker runs: the Redis worker rebuilds its views from the topics
+    code, body = views.post("/admin/rebuild", {"projections": "all"})
+    assert code == 202 and body["projections"] == ["redis"], body
+    deadline = time.monotonic() + 60
+    while (state := views.get("/admin/rebuild")[1])["status"] in ("running", "switching"):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert state["status"] == "done", state
+    assert views.get("/users/1")[1]["orders"] == user["orders"]
