@@ -35,7 +35,9 @@ def worker(
 
     Embedded ClickHouse (chdb, the default) allows one worker per data
     directory; with CLICKHOUSE_URL naming a server, start several: they share
-    the partitions (one Kafka consumer group per projection).
+    the partitions (one Kafka consumer group per projection). PROJECTIONS=redis
+    or =clickhouse runs one projection only (a Redis-only worker never opens
+    ClickHouse): the projections in workers of their own.
     """
     import faust
 
@@ -61,10 +63,14 @@ def worker(
     # The ClickHouse apply thread digests in Python; hand the GIL back to the event loop
     # (the API) more often than the default 5 ms.
     sys.setswitchinterval(0.001)
+    stores = {
+        "redis": f"Redis {mask_url(settings.redis_url)} (namespace {settings.redis_namespace})",
+        "clickhouse": f"ClickHouse {mask_url(settings.clickhouse_url)}",
+    }
     logging.getLogger("projections").info(
-        "worker %s: Kafka %s, topics %s, Redis %s (namespace %s), ClickHouse %s, query API http://%s:%d",
-        settings.app_id, settings.kafka_bootstrap, ", ".join(settings.topics),
-        mask_url(settings.redis_url), settings.redis_namespace, mask_url(settings.clickhouse_url),
+        "worker %s: projections %s; Kafka %s, topics %s, %s, query API http://%s:%d",
+        settings.app_id, ",".join(settings.projections), settings.kafka_bootstrap,
+        ", ".join(settings.topics), ", ".join(stores[p] for p in settings.projections),
         settings.api_host, settings.api_port,
     )  # fmt: skip
     level = {"warning": "warn", "critical": "crit"}.get(log_level.lower(), log_level.lower())
@@ -256,8 +262,9 @@ def rebuild(
     if name not in ("redis", "clickhouse", "all") or source not in ("topics", "snapshot"):
         typer.echo("projections: rebuild redis|clickhouse|all [--source topics|snapshot]", err=True)
         raise typer.Exit(2)
-    names = ["clickhouse", "redis"] if name == "all" else [name]
-    state = _worker_call(settings, "POST", "/admin/rebuild", {"projections": names, "source": source})
+    # "all": what the worker runs (PROJECTIONS)
+    state = _worker_call(settings, "POST", "/admin/rebuild", {"projections": name if name == "all" else [name], "source": source})
+    names = state["projections"]
     with Progress(
         TextColumn("rebuild {task.fields[names]}"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
         TextColumn("{task.fields[rate]:,.0f} records/s"), TextColumn("{task.fields[skipped]:,} skipped"),

@@ -201,6 +201,13 @@ class _Projections:
                     f"the worker's /status answered {resp.status}: {(await resp.text())[:300]}"
                 )
             body = await resp.json()
+        runs = set(body["projections"])
+        if runs != {"redis", "clickhouse"}:
+            raise RuntimeError(
+                f"the worker at {self.api} runs only {', '.join(sorted(runs))} (PROJECTIONS); "
+                "the verifier waits for both projections through one worker's /status: point "
+                "QUERY_API at a worker that runs both"
+            )
         return {name: parse_lsn(p["watermark"]) for name, p in body["projections"].items()}
 
     async def clickhouse(self, sql: str) -> list[dict[str, Any]]:
