@@ -39,12 +39,14 @@ def worker(
     or =clickhouse runs one projection only (a Redis-only worker never opens
     ClickHouse): the projections in workers of their own.
     """
+    settings = _settings()
+    from projections.event_loop import use_event_loop
+
+    use_event_loop(settings.event_loop)  # before anything makes a loop
     import faust
 
-    from projections.app import build_app, build_runtime
-
-    settings = _settings()
     from cdc.logs import setup_logging
+    from projections.app import build_app, build_runtime
 
     setup_logging(log_level, json_logs)
     try:

@@ -52,6 +52,7 @@ from projections.dlq import DeadLetter, DeadLetterQueue
 from projections.heap import HEAP
 from projections.metrics import ProjectionMetrics
 from projections.positions import Position, PositionKey, min_watermark
+from projections.redis_reads import ReadConnections
 from projections.upcasting import UPCASTERS, UpcastError, Upcasters
 
 __all__ = [
@@ -127,6 +128,7 @@ class RedisAdapter:
     def __init__(self, client: redis.Redis, namespace: str) -> None:
         self.client = client
         self.base = namespace
+        self.reads = ReadConnections(client)  # connections made on the API's first read
         self.use(namespace)
 
     def use(self, namespace: str) -> None:
@@ -134,7 +136,7 @@ class RedisAdapter:
         from projections.redis_views import RedisViews
 
         self.namespace = namespace
-        self.views = RedisViews(self.client, namespace)
+        self.views = RedisViews(self.client, namespace, reads=self.reads)
 
     async def resolve(self) -> None:
         """Follow the generation pointer a rebuild left (projections/rebuild.py)."""
@@ -159,6 +161,7 @@ class RedisAdapter:
         return await self.views.positions()
 
     async def close(self) -> None:
+        await self.reads.close()
         await self.client.aclose()
 
 

@@ -45,6 +45,18 @@ def _int(env: os._Environ[str] | dict[str, str], name: str, default: int, lo: in
     return value
 
 
+def _event_loop(raw: str | None) -> str:
+    """PROJECTIONS_EVENT_LOOP: uvloop (the default) or asyncio."""
+    from projections.event_loop import EVENT_LOOPS
+
+    name = (raw or "uvloop").strip().lower()
+    if name not in EVENT_LOOPS:
+        raise ConfigError(
+            f"PROJECTIONS_EVENT_LOOP={raw!r} is not an event loop; expected {' or '.join(EVENT_LOOPS)}"
+        )
+    return name
+
+
 def _projections(raw: str | None) -> tuple[str, ...]:
     """PROJECTIONS: the comma-separated projections this worker runs (all when unset)."""
     if raw is None or not raw.strip():
@@ -78,6 +90,7 @@ class Settings:
     clickhouse_batch_max: int = 20000
     clickhouse_batch_wait_ms: int = 500
     projections: tuple[str, ...] = PROJECTIONS
+    event_loop: str = "uvloop"
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -118,6 +131,7 @@ class Settings:
             clickhouse_batch_max=_int(env, "PROJECTIONS_CH_BATCH_MAX", 20000, 1, 1_000_000),
             clickhouse_batch_wait_ms=_int(env, "PROJECTIONS_CH_BATCH_WAIT_MS", 500, 1, 60_000),
             projections=_projections(env.get("PROJECTIONS")),
+            event_loop=_event_loop(env.get("PROJECTIONS_EVENT_LOOP")),
         )
         for name, value in (
             ("TOPIC_PREFIX", settings.topic_prefix),

@@ -53,6 +53,7 @@ from prometheus_client import disable_created_metrics
 from projections.app import Pipeline, Progress, Projector, RedisAdapter
 from projections.config import ConfigError, Settings
 from projections.dlq import DeadLetterQueue
+from projections.event_loop import use_event_loop
 from projections.metrics import ProjectionMetrics
 
 __all__ = ["RedisProcess", "RedisProcessError"]
@@ -424,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(300_000, 100, 1000)
+    use_event_loop(settings.event_loop)
     return asyncio.run(_child(settings))
 
 

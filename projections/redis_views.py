@@ -27,10 +27,12 @@ from typing import Any, Final
 
 import orjson
 import redis.asyncio as redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from cdc.events import DomainEvent
 from projections.positions import Position, PositionKey, min_watermark
+from projections.redis_reads import ReadConnections
 
 __all__ = ["STATUSES", "RedisViews", "RedisViewsError"]
 
@@ -337,8 +339,10 @@ class RedisViews:
         namespace: str = "rs",
         *,
         partitions: Iterable[PositionKey] | None = None,
+        reads: ReadConnections | None = None,
     ) -> None:
         self.client = client
+        self.reads = reads  # the query API's (projections/redis_reads.py); else the client's
         self.namespace = namespace
         self.partitions: set[PositionKey] = set(partitions or ())
         self.events_applied = 0  # every event handed to apply(), the ignored ones too
@@ -414,9 +418,14 @@ class RedisViews:
             raise errors[0]  # the part that failed: those after it refused
         raise AssertionError("unreachable")
 
+    async def _read(self, script: AsyncScript, key: str) -> Any:
+        if self.reads is not None:
+            return await self.reads.evalsha(script, self.namespace, key)
+        return await script(args=[self.namespace, key])
+
     async def user(self, customer_id: str) -> dict[str, Any] | None:
         """The customer's view, JSON-ready; None when nothing is known of it."""
-        reply = await self._read_user(args=[self.namespace, customer_id])
+        reply = await self._read(self._read_user, customer_id)
         if reply is None:
             return None
         flat, ids, rows, last = reply
@@ -450,7 +459,7 @@ class RedisViews:
 
     async def order(self, order_id: str) -> dict[str, Any] | None:
         """The order's view with its items, JSON-ready; None for an unknown or deleted order."""
-        flat = await self._read_order(args=[self.namespace, order_id])
+        flat = await self._read(self._read_order, order_id)
         if flat is None:
             return None
         fields = _fields(flat)

@@ -275,3 +275,18 @@ def test_an_unknown_projection_is_named(raw: str) -> None:
 
     with pytest.raises(ConfigError, match=r"PROJECTIONS=.*unknown projection.*redis, clickhouse"):
         Settings.from_env({"PROJECTIONS": raw})
+
+
+@pytest.mark.parametrize(("raw", "loop"), [(None, "uvloop"), ("", "uvloop"), ("asyncio", "asyncio"), (" UVLoop ", "uvloop")])
+def test_the_event_loop_is_uvloop_unless_asyncio_is_asked_for(raw: str | None, loop: str) -> None:
+    from projections.config import Settings
+
+    env = {} if raw is None else {"PROJECTIONS_EVENT_LOOP": raw}
+    assert Settings.from_env(env).event_loop == loop
+
+
+def test_an_unknown_event_loop_is_named() -> None:
+    from projections.config import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match=r"PROJECTIONS_EVENT_LOOP='trio' is not an event loop; expected uvloop or asyncio"):
+        Settings.from_env({"PROJECTIONS_EVENT_LOOP": "trio"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -198,6 +199,10 @@ def test_the_redis_process_is_restarted_when_it_dies_and_never_outlives_the_work
     types = [line for line in metrics.splitlines() if line.startswith("# TYPE ")]
     assert len(types) == len(set(types)), "a metric family appears twice"
     [child] = worker.children()
+    # both run uvloop, the default PROJECTIONS_EVENT_LOOP
+    assert worker.proc is not None
+    for pid in (worker.proc.pid, child):
+        assert "uvloop" in Path(f"/proc/{pid}/maps").read_text(), f"pid {pid} does not run uvloop"
 
     # the child dies: the worker says so, starts another, and the views go on
     import os
@@ -239,12 +244,16 @@ def test_the_projections_split_over_two_workers_each_serve_their_own(  # type: i
     lsn = shop_history.lsn + 0x10000
     event_topics.publish(events, watermark=lsn)
     views = worker_factory(event_topics.prefix, redis_namespace, PROJECTIONS="redis")
-    analytics = worker_factory(event_topics.prefix, redis_namespace, PROJECTIONS="clickhouse")
+    # asyncio's own event loop, the other choice of PROJECTIONS_EVENT_LOOP
+    analytics = worker_factory(
+        event_topics.prefix, redis_namespace, PROJECTIONS="clickhouse", PROJECTIONS_EVENT_LOOP="asyncio"
+    )
     views.start()
     analytics.start()
     assert set(_wait_caught_up(views, lsn)["projections"]) == {"redis"}
     assert set(_wait_caught_up(analytics, lsn)["projections"]) == {"clickhouse"}
     assert len(views.children()) == 1 and analytics.children() == []  # the Redis process
+    assert analytics.proc is not None and "uvloop" not in Path(f"/proc/{analytics.proc.pid}/maps").read_text()
 
     code, user, _ = views.get(f"/users/1?min_lsn={format_lsn(lsn)}")
     assert code == 200 and user["orders"] == sum(1 for o in shop_history.orders.values() if o["customer_id"] == 1)
