@@ -4,7 +4,8 @@
 
 Starts ``python -m projections worker`` on the pre-filled topics of
 bench/projection_throughput.py (filled if missing, 100k events by default),
-waits until it has caught up, then sends GET /users/{id} for random known
+waits until it has caught up (and Redis has finished an append-only-file
+rewrite the pre-load started), then sends GET /users/{id} for random known
 customers at --rps on an open loop (each request is sent on its schedule,
 whether or not earlier ones have returned, so slow answers cannot hide
 behind a lower rate) and reports latency percentiles as JSON. Target: p99 < 5 ms at 500 rps.
