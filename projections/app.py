@@ -969,7 +969,8 @@ def build_runtime(settings: Settings, *, log_level: str = "info", json_logs: boo
 
     metrics = ProjectionMetrics()
     dlq = DeadLetterQueue(settings.kafka_bootstrap, client_id=f"{settings.app_id}-dlq")
-    # blocking pool: a burst of API reads waits for a connection instead of failing
+    # blocking pool: a burst of the worker's own calls (positions, rebuilds, snapshots) waits
+    # for a connection instead of failing; the API's view reads have theirs (redis_reads.py)
     client = redis.Redis(
         connection_pool=redis.BlockingConnectionPool.from_url(
             settings.redis_url, max_connections=64, timeout=10

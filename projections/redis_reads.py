@@ -8,11 +8,13 @@ keeps idle connections in a list instead: a read takes one (or makes one,
 up to `limit` at once; more wait), sends, parses, and puts it back.
 
 Failures a user meets:
-- a connection Redis closed while it sat idle (a Redis restart): the read
-  is sent once more on a new connection;
-- a script Redis no longer has (a restart, SCRIPT FLUSH): it is loaded and
-  the read sent again;
-- Redis down: redis-py's ConnectionError, as through the client.
+- a connection Redis closed while it sat idle: the read is sent once more
+  on a new connection;
+- a script Redis no longer has (SCRIPT FLUSH): it is loaded and the read
+  sent again. A Redis restart does both: reconnect, load, read;
+- Redis down or stalled: redis-py's ConnectionError (or TimeoutError, after
+  the socket timeout), as through the client; reads waiting for one of the
+  `limit` connections give up after SLOT_WAIT_S, as redis-py's pool did.
 A read that fails or is cancelled half-way closes its connection: no reply
 is ever left behind on a connection that goes back to the list.
 """
@@ -31,6 +33,10 @@ from redis.exceptions import NoScriptError
 
 __all__ = ["ReadConnections"]
 
+# how long a read waits for one of the `limit` connections before it fails (redis-py's
+# blocking pool, which the reads used before, waited as long)
+SLOT_WAIT_S = 10.0
+
 
 class ReadConnections:
     """Idle connections made like the client's (URL, auth, db, TLS) for script reads."""
@@ -38,36 +44,56 @@ class ReadConnections:
     def __init__(self, client: redis.Redis, limit: int = 64) -> None:
         self._pool = client.connection_pool
         self._idle: list[AbstractConnection] = []
+        self._limit = limit
         self._slots = asyncio.Semaphore(limit)
 
     async def evalsha(self, script: AsyncScript, *args: str) -> Any:
         """The script's reply for ARGV `args` (no keys)."""
-        async with self._slots:
+        try:
+            if self._slots.locked():
+                async with asyncio.timeout(SLOT_WAIT_S):
+                    await self._slots.acquire()
+            else:
+                await self._slots.acquire()  # free: returns at once, no timer needed
+        except TimeoutError:
+            # as redis-py's blocking pool said, after as long: Redis is stalled or gone
+            raise RedisConnectionError(
+                f"No connection available: {self._limit} reads have waited on Redis for "
+                f"{SLOT_WAIT_S:.0f} s"
+            ) from None
+        try:
             conn = self._idle.pop() if self._idle else self._pool.make_connection()  # type: ignore[no-untyped-call]
             try:
                 reply = await self._call(conn, script, args)
             except BaseException:
-                await conn.disconnect()
+                await conn.disconnect(nowait=True)
                 raise
             self._idle.append(conn)
             return reply
+        finally:
+            self._slots.release()
 
     @staticmethod
     async def _call(conn: AbstractConnection, script: AsyncScript, args: tuple[str, ...]) -> Any:
-        for attempt in (1, 2):
+        """EVALSHA; at most one reconnect and one SCRIPT LOAD on the way (a restart needs both)."""
+        reconnected = load_first = loaded = False
+        while True:
             try:
+                if load_first:
+                    await conn.send_command("SCRIPT", "LOAD", script.script)
+                    await conn.read_response()
+                    load_first, loaded = False, True
                 await conn.send_command("EVALSHA", script.sha, 0, *args)
                 return await conn.read_response()
             except NoScriptError:
-                if attempt == 2:
+                if loaded:
                     raise
-                await conn.send_command("SCRIPT", "LOAD", script.script)
-                await conn.read_response()
+                load_first = True
             except RedisConnectionError:
-                if attempt == 2:
+                if reconnected:
                     raise
-                await conn.disconnect()  # the next send connects afresh
-        raise AssertionError("unreachable")
+                reconnected = True
+                await conn.disconnect(nowait=True)  # the next send connects afresh
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
