@@ -249,6 +249,7 @@ class Capture:
         last_status = 0.0
         last_watermark = 0.0
         sent_watermark = -1
+        watermark_every = s.watermark_every_ms / 1000
         wal_end = start_lsn
         try:
             while not self.stopping.is_set():
@@ -311,7 +312,7 @@ class Capture:
                 if publisher.in_flight() > s.max_in_flight:
                     await self._drain(publisher, s.max_in_flight // 2, repl, ckpt)
 
-                if (progress.watermark_lsn != sent_watermark and now - last_watermark >= 0.05) or now - last_watermark >= s.watermark_interval_s:
+                if (progress.watermark_lsn != sent_watermark and now - last_watermark >= watermark_every) or now - last_watermark >= s.watermark_interval_s:
                     publisher.publish_watermark(progress.watermark_lsn, int(time.time() * 1000))
                     sent_watermark = progress.watermark_lsn
                     last_watermark = now

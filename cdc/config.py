@@ -71,6 +71,9 @@ class Settings:
     max_in_flight: int = 50_000
     status_interval_s: float = 1.0
     watermark_interval_s: float = 0.5
+    # while changes flow, a Watermark at most this often: a read with min_lsn waits for
+    # one past its LSN on every partition, so this is part of every such read's wait
+    watermark_every_ms: int = 50
     metrics_port: int = 9187
     # the walsender's logical_decoding_work_mem: transactions bigger than this are
     # streamed to us while in progress (and spooled to disk until they commit)
@@ -96,6 +99,7 @@ class Settings:
             "snapshot_mode": env.get("CDC_SNAPSHOT_MODE") or d.snapshot_mode,
             "snapshot_chunk": _env_int("CDC_SNAPSHOT_CHUNK", d.snapshot_chunk),
             "max_in_flight": _env_int("CDC_MAX_IN_FLIGHT", d.max_in_flight, minimum=100),
+            "watermark_every_ms": _env_int("CDC_WATERMARK_EVERY_MS", d.watermark_every_ms),
             "metrics_port": _env_int("CDC_METRICS_PORT", d.metrics_port, minimum=0),
             "decoding_work_mem": env.get("CDC_DECODING_WORK_MEM") or None,
         }

@@ -159,6 +159,8 @@ class EventLog:
         self.assigned = False
         self.events: list[dict[str, Any]] = []
         self.watermarks: dict[tuple[str, int], int] = {}
+        # every Watermark record read: (topic, partition, lsn, ts_ms)
+        self.watermark_records: list[tuple[str, int, int, int]] = []
 
     def _assign(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -187,6 +189,7 @@ class EventLog:
                 if value.get("event_type") == "Watermark":
                     key = (msg.topic(), msg.partition())
                     self.watermarks[key] = max(self.watermarks.get(key, 0), parse_lsn(value["lsn"]))
+                    self.watermark_records.append((*key, parse_lsn(value["lsn"]), value["ts_ms"]))
                 else:
                     self.events.append(value)
 

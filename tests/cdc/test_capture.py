@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import sys
@@ -294,6 +295,31 @@ def test_idle_published_tables_still_advance_the_slot(cdc: CdcProcess, conn: psy
     log.wait_for_watermark(target, timeout=10, proc=cdc)
     log.close()
     conn.execute("drop table unpublished_churn")
+
+
+def test_watermarks_while_changes_flow_come_at_most_every_cdc_watermark_every_ms(
+    cdc: CdcProcess, conn: psycopg.Connection, shop_dsn: str
+) -> None:
+    """CDC_WATERMARK_EVERY_MS: how often a Watermark follows the stream while it moves (a
+    read with min_lsn waits for one). 300 ms here, against the default 50 and the idle 500."""
+    cdc.extra_env["CDC_TABLES"] = "customers"
+    cdc.extra_env["CDC_WATERMARK_EVERY_MS"] = "300"
+    cdc.start()
+    log = EventLog(cdc.prefix, aggregates=("customer",))
+    log.wait_for_watermark(current_lsn(shop_dsn), proc=cdc)
+    start_ms = time.time() * 1000
+    end = time.monotonic() + 3
+    while time.monotonic() < end:  # one transaction every few ms: the stream never rests
+        conn.execute("update customers set full_name = %s where id = 1", (f"Tick {time.monotonic():.6f}",))
+    end_ms = time.time() * 1000
+    log.wait_for_watermark(current_lsn(shop_dsn), timeout=10, proc=cdc)
+    log.close()
+    first = sorted({(t, p) for t, p, _, _ in log.watermark_records})[0]
+    stamps = sorted(ts for t, p, _, ts in log.watermark_records if (t, p) == first and start_ms <= ts <= end_ms)
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert len(stamps) >= 5, f"{len(stamps)} Watermarks in 3 s of changes: {stamps}"
+    assert min(gaps) >= 290, f"Watermarks closer than CDC_WATERMARK_EVERY_MS=300: {gaps}"
+    assert sorted(gaps)[len(gaps) // 2] < 450, f"not the 300 ms of the setting: {gaps}"
 
 
 def test_lost_walsender_connection_reconnects_without_loss(cdc: CdcProcess, conn: psycopg.Connection, shop_dsn: str) -> None:
