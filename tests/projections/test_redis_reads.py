@@ -77,6 +77,13 @@ async def client(private_redis: PrivateRedis) -> AsyncIterator[redis.Redis]:
     await c.aclose()
 
 
+@pytest.fixture
+async def reads(client: redis.Redis) -> AsyncIterator[ReadConnections]:
+    r = ReadConnections(client)
+    yield r
+    await r.close()
+
+
 def _script(client: redis.Redis) -> Any:
     """ECHO under a text of its own: never in the script cache yet."""
     return client.register_script(f"{ECHO}-- {uuid.uuid4().hex}")
@@ -101,69 +108,53 @@ async def test_a_read_answers_like_the_script_through_the_client(client: redis.R
     assert reads._idle == []
 
 
-async def test_a_script_redis_lost_is_loaded_again(client: redis.Redis) -> None:
+async def test_a_script_redis_lost_is_loaded_again(client: redis.Redis, reads: ReadConnections) -> None:
     script = _script(client)
-    reads = ReadConnections(client)
-    try:
-        assert await reads.evalsha(script, "a", "1") == b"a:1"
-        await client.script_flush()
-        assert await reads.evalsha(script, "a", "2") == b"a:2"
-    finally:
-        await reads.close()
+    assert await reads.evalsha(script, "a", "1") == b"a:1"
+    await client.script_flush()
+    assert await reads.evalsha(script, "a", "2") == b"a:2"
 
 
-async def test_a_connection_redis_closed_while_idle_is_replaced(client: redis.Redis) -> None:
+async def test_a_connection_redis_closed_while_idle_is_replaced(client: redis.Redis, reads: ReadConnections) -> None:
     script = _script(client)
-    reads = ReadConnections(client)
-    try:
-        await reads.evalsha(script, "a", "1")
-        old = await _client_id(reads)
-        assert await client.client_kill_filter(_id=old) == 1
-        assert await reads.evalsha(script, "a", "2") == b"a:2"
-        assert await _client_id(reads) != old
-    finally:
-        await reads.close()
+    await reads.evalsha(script, "a", "1")
+    old = await _client_id(reads)
+    assert await client.client_kill_filter(_id=old) == 1
+    assert await reads.evalsha(script, "a", "2") == b"a:2"
+    assert await _client_id(reads) != old
 
 
-async def test_a_redis_restart_costs_no_read(private_redis: PrivateRedis, client: redis.Redis) -> None:
+async def test_a_redis_restart_costs_no_read(private_redis: PrivateRedis, client: redis.Redis, reads: ReadConnections) -> None:
     """A restart closes every idle connection and empties the script cache: each idle
     connection reconnects, loads the script and reads, and none of the reads fails."""
     script = _script(client)
-    reads = ReadConnections(client)
-    try:
-        first = await asyncio.gather(*(reads.evalsha(script, "r", str(i), "200000") for i in range(3)))
-        assert first == [b"r:0", b"r:1", b"r:2"] and len(reads._idle) == 3
-        private_redis.stop()
-        private_redis.start()
-        again = [await reads.evalsha(script, "s", str(i)) for i in range(4)]
-        assert again == [b"s:0", b"s:1", b"s:2", b"s:3"]
-    finally:
-        await reads.close()
+    first = await asyncio.gather(*(reads.evalsha(script, "r", str(i), "200000") for i in range(3)))
+    assert first == [b"r:0", b"r:1", b"r:2"] and len(reads._idle) == 3
+    private_redis.stop()
+    private_redis.start()
+    again = [await reads.evalsha(script, "s", str(i)) for i in range(4)]
+    assert again == [b"s:0", b"s:1", b"s:2", b"s:3"]
 
 
-async def test_a_cancelled_read_leaves_no_reply_behind(client: redis.Redis) -> None:
+async def test_a_cancelled_read_leaves_no_reply_behind(client: redis.Redis, reads: ReadConnections) -> None:
     script = _script(client)
-    reads = ReadConnections(client)
-    try:
-        await reads.evalsha(script, "warm", "0")
-        [conn] = reads._idle
-        reading = asyncio.Event()
-        read_response = conn.read_response
+    await reads.evalsha(script, "warm", "0")
+    [conn] = reads._idle
+    reading = asyncio.Event()
+    read_response = conn.read_response
 
-        async def signalled(*args: Any, **kwargs: Any) -> Any:
-            reading.set()
-            return await read_response(*args, **kwargs)
+    async def signalled(*args: Any, **kwargs: Any) -> Any:
+        reading.set()
+        return await read_response(*args, **kwargs)
 
-        conn.read_response = signalled  # type: ignore[method-assign]
-        slow = asyncio.create_task(reads.evalsha(script, "slow", "1", "20000000"))
-        await reading.wait()  # the EVALSHA is sent; its reply is some 100 ms away
-        slow.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await slow
-        assert reads._idle == []  # the connection with the slow reply pending was closed
-        assert await reads.evalsha(script, "next", "2") == b"next:2"  # not "slow:1"
-    finally:
-        await reads.close()
+    conn.read_response = signalled  # type: ignore[method-assign]
+    slow = asyncio.create_task(reads.evalsha(script, "slow", "1", "20000000"))
+    await reading.wait()  # the EVALSHA is sent; its reply is some 100 ms away
+    slow.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+    assert reads._idle == []  # the connection with the slow reply pending was closed
+    assert await reads.evalsha(script, "next", "2") == b"next:2"  # not "slow:1"
 
 
 async def test_at_most_limit_connections_and_every_read_gets_its_own_reply(client: redis.Redis) -> None:
