@@ -119,7 +119,7 @@ async def test_a_connection_redis_closed_while_idle_is_replaced(client: redis.Re
     script = _script(client)
     await reads.evalsha(script, "a", "1")
     old = await _client_id(reads)
-    assert await client.client_kill_filter(_id=old) == 1
+    assert await client.client_kill_filter(_id=str(old)) == 1
     assert await reads.evalsha(script, "a", "2") == b"a:2"
     assert await _client_id(reads) != old
 
