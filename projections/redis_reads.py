@@ -58,8 +58,8 @@ class ReadConnections:
         except TimeoutError:
             # as redis-py's blocking pool said, after as long: Redis is stalled or gone
             raise RedisConnectionError(
-                f"No connection available: {self._limit} reads have waited on Redis for "
-                f"{SLOT_WAIT_S:.0f} s"
+                f"No connection available: all {self._limit} of the API's Redis read "
+                f"connections stayed busy for {SLOT_WAIT_S:g} s (is Redis stalled or unreachable?)"
             ) from None
         try:
             conn = self._idle.pop() if self._idle else self._pool.make_connection()  # type: ignore[no-untyped-call]
