@@ -148,10 +148,12 @@ def _auth_middleware(token: str | None, runtime: Runtime) -> Any:
 
 def register_routes(app: faust.App, runtime: Runtime) -> None:
     """The query API's views on the Faust app's web server."""
-    def progress(name: str) -> Progress | web.Response:
-        """The projection's progress, or the 503 of a worker that does not run it."""
+    async def fresh_at(name: str, min_lsn: int | None, timeout_s: float) -> web.Response | int:
+        """_fresh() for the projection `name`, or the 503 of a worker that does not run it."""
         why = runtime.not_run(name)
-        return runtime.progress(name) if why is None else _error(503, why)
+        if why is not None:
+            return _error(503, why)
+        return await _fresh(runtime.progress(name), min_lsn, timeout_s)
 
     @app.page("/health")
     class Health(View):
@@ -186,10 +188,7 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
         async def get(self, request: Request, customer_id: str) -> Response:
             cid = _id(customer_id, "user")
             min_lsn, timeout_s = _consistency(request.query)
-            views = progress("redis")
-            if isinstance(views, web.Response):
-                return views  # type: ignore[return-value]
-            fresh = await _fresh(views, min_lsn, timeout_s)
+            fresh = await fresh_at("redis", min_lsn, timeout_s)
             if isinstance(fresh, web.Response):
                 return fresh  # type: ignore[return-value]
             view = await runtime.redis.views.user(cid)
@@ -208,10 +207,7 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
         async def get(self, request: Request, order_id: str) -> Response:
             oid = _id(order_id, "order")
             min_lsn, timeout_s = _consistency(request.query)
-            views = progress("redis")
-            if isinstance(views, web.Response):
-                return views  # type: ignore[return-value]
-            fresh = await _fresh(views, min_lsn, timeout_s)
+            fresh = await fresh_at("redis", min_lsn, timeout_s)
             if isinstance(fresh, web.Response):
                 return fresh  # type: ignore[return-value]
             view = await runtime.redis.views.order(oid)
@@ -232,13 +228,10 @@ def register_routes(app: faust.App, runtime: Runtime) -> None:
         from projections.clickhouse_backend import BackendError
 
         min_lsn, timeout_s = _consistency(request.query)
-        analytics = progress("clickhouse")
-        if isinstance(analytics, web.Response):
-            return analytics
-        assert runtime.clickhouse is not None  # it runs the projection
-        fresh = await _fresh(analytics, min_lsn, timeout_s)
+        fresh = await fresh_at("clickhouse", min_lsn, timeout_s)
         if isinstance(fresh, web.Response):
             return fresh
+        assert runtime.clickhouse is not None  # it runs the projection
         try:
             result = await run(runtime.clickhouse)
         except AnalyticsError as exc:

@@ -37,7 +37,7 @@ from uuid import UUID
 import orjson
 
 from cdc.lsn import format_lsn, parse_lsn
-from projections.config import Settings, mask_url
+from projections.config import PROJECTIONS, Settings, mask_url
 
 __all__ = ["Report", "run_verify", "verify"]
 
@@ -202,7 +202,7 @@ class _Projections:
                 )
             body = await resp.json()
         runs = set(body["projections"])
-        if runs != {"redis", "clickhouse"}:
+        if runs != set(PROJECTIONS):
             raise RuntimeError(
                 f"the worker at {self.api} runs only {', '.join(sorted(runs))} (PROJECTIONS); "
                 "the verifier waits for both projections through one worker's /status: point "
