@@ -18,8 +18,14 @@ flight disappears, one in the projection stays.
 
 How ClickHouse is read: embedded chdb is locked by the worker process, so
 the verifier reads it through the worker's query API (POST /analytics/sql,
-read-only, paged, with API_TOKEN when set); with CLICKHOUSE_URL naming a
-server it reads the server directly. Redis is read directly (REDIS_NAMESPACE).
+read-only, paged, with API_TOKEN when set) at QUERY_API; with CLICKHOUSE_URL
+naming a server it reads the server directly. Redis is read directly
+(REDIS_NAMESPACE). The watermarks come from the same places: the positions
+stored with Redis's views and with a ClickHouse server's tables (against the
+topics' partitions in Kafka: one without a stored position counts as 0), and
+embedded ClickHouse's from the /status of the worker that runs it. So the
+projections may run in workers of their own (PROJECTIONS); with a ClickHouse
+server the verifier needs no worker at all.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from uuid import UUID
 import orjson
 
 from cdc.lsn import format_lsn, parse_lsn
-from projections.config import PROJECTIONS, Settings, mask_url
+from projections.config import Settings, mask_url
+from projections.positions import PositionKey, min_watermark
 
 __all__ = ["Report", "run_verify", "verify"]
 
@@ -177,6 +184,8 @@ class _Projections:
             {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
         )
         self.sink: Any = None
+        # each projection's partitions (from Kafka): one the store has no position for yet counts as 0
+        self.partitions: dict[str, set[PositionKey]] | None = None
         if not settings.embedded_clickhouse:
             from projections.clickhouse_backend import open_backend
             from projections.clickhouse_sink import ClickHouseSink
@@ -188,27 +197,41 @@ class _Projections:
         await self.redis.aclose()
 
     async def watermarks(self) -> dict[str, int]:
+        """Each projection's watermark, from its store's positions where the verifier reads the
+        store (Redis; a ClickHouse server), so it needs no worker that runs both: the
+        projections may run in workers of their own (PROJECTIONS). Embedded ClickHouse is
+        locked by the worker that runs it, whose /status (at QUERY_API) says."""
         from projections.rebuild import current_namespace
         from projections.redis_views import RedisViews
 
+        if self.partitions is None:
+            self.partitions = await _partitions(self.settings)
         # the views live in the generation a rebuild switched to, if any
         namespace = await current_namespace(self.redis, self.settings.redis_namespace)
         if namespace != self.views.namespace:
             self.views = RedisViews(self.redis, namespace)
+        marks = {"redis": min_watermark(await self.views.positions(), self.partitions["redis"])}
+        if self.sink is not None:
+            stored = await asyncio.to_thread(self.sink.positions)
+            marks["clickhouse"] = min_watermark(stored, self.partitions["clickhouse"])
+        else:
+            marks["clickhouse"] = await self._worker_watermark("clickhouse")
+        return marks
+
+    async def _worker_watermark(self, projection: str) -> int:
         async with self.http.get(f"{self.api}/status", headers=self.headers) as resp:
             if resp.status != 200:
                 raise RuntimeError(
                     f"the worker's /status answered {resp.status}: {(await resp.text())[:300]}"
                 )
             body = await resp.json()
-        runs = set(body["projections"])
-        if runs != set(PROJECTIONS):
+        if projection not in body["projections"]:
             raise RuntimeError(
-                f"the worker at {self.api} runs only {', '.join(sorted(runs))} (PROJECTIONS); "
-                "the verifier waits for both projections through one worker's /status: point "
-                "QUERY_API at a worker that runs both"
+                f"the worker at {self.api} does not run {projection} (it runs "
+                f"{', '.join(sorted(body['projections']))}: PROJECTIONS); embedded ClickHouse "
+                "(chdb) is read through the worker that runs it: point QUERY_API at that worker"
             )
-        return {name: parse_lsn(p["watermark"]) for name, p in body["projections"].items()}
+        return parse_lsn(body["projections"][projection]["watermark"])
 
     async def clickhouse(self, sql: str) -> list[dict[str, Any]]:
         """All rows of a SELECT (paged by LIMIT/OFFSET: the API caps a page at 10 000 rows)."""
@@ -235,6 +258,33 @@ class _Projections:
             if len(body["rows"]) < _PAGE:
                 return out
             offset += _PAGE
+
+
+async def _partitions(settings: Settings) -> dict[str, set[PositionKey]]:
+    """The partitions of each projection's topics, from Kafka's metadata."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    try:
+        metadata = await asyncio.to_thread(admin.list_topics, timeout=10)
+    except KafkaException as exc:
+        raise RuntimeError(
+            f"cannot read the event topics' partitions from Kafka at {settings.kafka_bootstrap} "
+            f"(KAFKA_BOOTSTRAP): {exc.args[0] if exc.args else exc}"
+        ) from None
+    found = {
+        t: set(metadata.topics[t].partitions) if t in metadata.topics else set()
+        for t in settings.topics
+    }
+    missing = sorted(t for t, parts in found.items() if not parts)
+    if missing:
+        raise RuntimeError(
+            f"topic(s) {', '.join(missing)} not found on {settings.kafka_bootstrap}; cdc creates "
+            f"them (python -m cdc run) under TOPIC_PREFIX={settings.topic_prefix!r}"
+        )
+    topics = {"redis": settings.redis_topics, "clickhouse": settings.topics}
+    return {name: {(t, p) for t in names for p in found[t]} for name, names in topics.items()}
 
 
 async def _wait(proj: _Projections, lsn: int, timeout_s: float) -> dict[str, int]:

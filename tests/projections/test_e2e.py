@@ -21,7 +21,7 @@ import redis
 
 from cdc.lsn import parse_lsn
 
-from .conftest import KAFKA_BOOTSTRAP, REDIS_URL, ShopHistory
+from .conftest import KAFKA_BOOTSTRAP, REDIS_URL, ShopHistory, WorkerProcess
 from .stack import Stack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,6 +142,43 @@ def test_poison_events_go_to_the_dead_letter_topic_while_the_rest_flows(stack: S
     assert all(p["dead_letters"] == 2 for p in status["projections"].values())
 
 
+def _verify_cli(stack: Stack, api_port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m projections verify`` on the stack, QUERY_API naming the worker at api_port."""
+    return subprocess.run(
+        [sys.executable, "-m", "projections", "verify", "--timeout", "30", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PG_DSN": stack.dsn, "REDIS_NAMESPACE": stack.namespace,
+             "QUERY_API": f"127.0.0.1:{api_port}", "TOPIC_PREFIX": stack.prefix,
+             "CLICKHOUSE_URL": stack.worker.env["CLICKHOUSE_URL"]},
+    )  # fmt: skip
+
+
+def test_the_verifier_checks_projections_split_over_two_workers(stack: Stack) -> None:
+    """PROJECTIONS=redis and =clickhouse in workers of their own: the verifier takes the Redis
+    watermark from the positions stored in Redis, and embedded ClickHouse's (and its rows)
+    through the worker that runs it; pointed at the other worker, it says which it needs."""
+    stack.worker.stop()
+    views, analytics = (
+        WorkerProcess(stack.tmp, stack.prefix, stack.namespace, {"PG_DSN": stack.dsn, "PROJECTIONS": name})
+        for name in ("redis", "clickhouse")
+    )  # fmt: skip
+    try:
+        views.start()
+        analytics.start()
+        stack.writer("load", "--commands", "500", "--concurrency", "2", "--seed", "14", "--rate", "0")
+        out = _verify_cli(stack, analytics.port)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "all match" in out.stdout and "ok  redis orders" in out.stdout
+        out = _verify_cli(stack, views.port)
+        assert out.returncode == 2, out.stdout[-3000:]
+        assert f"the worker at http://127.0.0.1:{views.port} does not run clickhouse" in out.stderr
+        assert "point QUERY_API at that worker" in out.stderr
+    finally:
+        views.stop()
+        analytics.stop()
+        stack.worker.start()
+
+
 def test_the_verifier_reports_a_tampered_view_and_exits_1(stack: Stack) -> None:
     """Last in the module: it damages the Redis views on purpose."""
     with psycopg.connect(stack.dsn) as conn:
@@ -164,13 +201,7 @@ def test_the_verifier_reports_a_tampered_view_and_exits_1(stack: Stack) -> None:
                 ),
             )
     assert stack.worker.get(f"/orders/{row[0]}")[1]["status"] == "shipped"
-    out = subprocess.run(
-        [sys.executable, "-m", "projections", "verify", "--json", "--timeout", "30"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PG_DSN": stack.dsn, "REDIS_NAMESPACE": stack.namespace,
-             "QUERY_API": f"127.0.0.1:{stack.worker.port}", "TOPIC_PREFIX": stack.prefix,
-             "CLICKHOUSE_URL": stack.worker.env["CLICKHOUSE_URL"]},
-    )  # fmt: skip
+    out = _verify_cli(stack, stack.worker.port, "--json")
     assert out.returncode == 1, out.stdout[:3000]
     import orjson
 
