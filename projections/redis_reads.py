@@ -16,7 +16,9 @@ Failures a user meets:
   the socket timeout), as through the client; reads waiting for one of the
   `limit` connections give up after SLOT_WAIT_S, as redis-py's pool did.
 A read that fails or is cancelled half-way closes its connection: no reply
-is ever left behind on a connection that goes back to the list.
+is ever left behind on a connection that goes back to the list. At close()
+(the worker stopping) the idle connections are closed, and a read still in
+flight closes its own when it ends.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class ReadConnections:
         self._idle: list[AbstractConnection] = []
         self._limit = limit
         self._slots = asyncio.Semaphore(limit)
+        self._closed = False
 
     async def evalsha(self, script: AsyncScript, *args: str) -> Any:
         """The script's reply for ARGV `args` (no keys)."""
@@ -68,7 +71,10 @@ class ReadConnections:
             except BaseException:
                 await conn.disconnect(nowait=True)
                 raise
-            self._idle.append(conn)
+            if self._closed:  # a read that was in flight at close(): nothing keeps its connection
+                await conn.disconnect(nowait=True)
+            else:
+                self._idle.append(conn)
             return reply
         finally:
             self._slots.release()
@@ -96,6 +102,8 @@ class ReadConnections:
                 await conn.disconnect(nowait=True)  # the next send connects afresh
 
     async def close(self) -> None:
+        """Close the idle connections, and those of reads in flight as each ends."""
+        self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
             with contextlib.suppress(Exception):

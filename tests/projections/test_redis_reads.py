@@ -95,6 +95,19 @@ async def _client_id(reads: ReadConnections) -> int:
     return int(await conn.read_response())
 
 
+def _signal_reading(conn: Any) -> asyncio.Event:
+    """An event set when the connection starts reading a reply (its command is sent)."""
+    reading = asyncio.Event()
+    read_response = conn.read_response
+
+    async def signalled(*args: Any, **kwargs: Any) -> Any:
+        reading.set()
+        return await read_response(*args, **kwargs)
+
+    conn.read_response = signalled
+    return reading
+
+
 async def test_a_read_answers_like_the_script_through_the_client(client: redis.Redis) -> None:
     script = _script(client)
     reads = ReadConnections(client)
@@ -140,14 +153,7 @@ async def test_a_cancelled_read_leaves_no_reply_behind(client: redis.Redis, read
     script = _script(client)
     await reads.evalsha(script, "warm", "0")
     [conn] = reads._idle
-    reading = asyncio.Event()
-    read_response = conn.read_response
-
-    async def signalled(*args: Any, **kwargs: Any) -> Any:
-        reading.set()
-        return await read_response(*args, **kwargs)
-
-    conn.read_response = signalled  # type: ignore[method-assign]
+    reading = _signal_reading(conn)
     slow = asyncio.create_task(reads.evalsha(script, "slow", "1", "20000000"))
     await reading.wait()  # the EVALSHA is sent; its reply is some 100 ms away
     slow.cancel()
@@ -155,6 +161,19 @@ async def test_a_cancelled_read_leaves_no_reply_behind(client: redis.Redis, read
         await slow
     assert reads._idle == []  # the connection with the slow reply pending was closed
     assert await reads.evalsha(script, "next", "2") == b"next:2"  # not "slow:1"
+
+
+async def test_a_read_in_flight_at_close_closes_its_connection_when_it_ends(client: redis.Redis) -> None:
+    script = _script(client)
+    reads = ReadConnections(client)
+    await reads.evalsha(script, "warm", "0")
+    [conn] = reads._idle
+    reading = _signal_reading(conn)
+    slow = asyncio.create_task(reads.evalsha(script, "slow", "1", "20000000"))
+    await reading.wait()
+    await reads.close()  # shutdown, with the read's reply still on its way
+    assert await slow == b"slow:1"  # the read still gets its reply
+    assert reads._idle == [] and not conn.is_connected  # and then its connection is closed
 
 
 async def test_at_most_limit_connections_and_every_read_gets_its_own_reply(client: redis.Redis) -> None:
