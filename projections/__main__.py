@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from projections.config import ConfigError, Settings, mask_url
+from projections.config import PROJECTIONS, ConfigError, Settings, mask_url
 
 app = typer.Typer(
     add_completion=False,
@@ -261,8 +261,8 @@ def rebuild(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     settings = _settings()
-    if name not in ("redis", "clickhouse", "all") or source not in ("topics", "snapshot"):
-        typer.echo("projections: rebuild redis|clickhouse|all [--source topics|snapshot]", err=True)
+    if name not in (*PROJECTIONS, "all") or source not in ("topics", "snapshot"):
+        typer.echo(f"projections: rebuild {'|'.join(PROJECTIONS)}|all [--source topics|snapshot]", err=True)
         raise typer.Exit(2)
     # "all": what the worker runs (PROJECTIONS)
     state = _worker_call(settings, "POST", "/admin/rebuild", {"projections": name if name == "all" else [name], "source": source})

@@ -132,7 +132,7 @@ class Rebuilder:
             raise RuntimeError(f"rebuild {self.state.id} is still {self.state.status}")
         unknown = [p for p in projections if p not in PROJECTIONS]
         if unknown or not projections:
-            raise ValueError(f"unknown projection(s) {unknown}; use redis, clickhouse or all")
+            raise ValueError(f"unknown projection(s) {unknown}; use {', '.join(PROJECTIONS)} or all")
         for name in projections:
             if (why := self.runtime.not_run(name)) is not None:
                 raise ValueError(why)

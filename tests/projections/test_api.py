@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -205,6 +207,18 @@ def test_sql_endpoint_refuses_writes_and_several_statements(
 def test_sql_endpoint_checks_its_body(api: Api) -> None:
     assert api.post("/analytics/sql", {"query": "SELECT 1"})[0] == 400
     assert api.post("/analytics/sql", {"sql": "SELECT 1", "max_rows": 10**9})[0] == 400
+
+
+def test_a_rebuild_of_an_unknown_projection_is_refused_with_the_choices(api: Api) -> None:
+    code, body = api.post("/admin/rebuild", {"projections": ["redis", "elastic"]})
+    assert code == 400
+    assert body["error"] == "unknown projection(s) ['elastic']; use redis, clickhouse or all"
+    out = subprocess.run(
+        [sys.executable, "-m", "projections", "rebuild", "elastic"],
+        env=api.worker.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "rebuild redis|clickhouse|all [--source topics|snapshot]" in out.stderr
 
 
 def test_every_route_but_health_needs_the_bearer_token(api: Api) -> None:
