@@ -19,9 +19,13 @@ class Position:
 
 
 def min_watermark(positions: dict[PositionKey, Position], expected: set[PositionKey] | None = None) -> int:
-    """The projection's watermark: the minimum over its partitions (a partition
-    not seen yet counts as 0, so the watermark cannot run ahead of it)."""
-    keys = set(positions) | (expected or set())
+    """The projection's watermark: the minimum over its partitions, `expected` (those in
+    `positions` when not known). A partition not seen yet counts as 0, so the watermark
+    cannot run ahead of it; a stored position of another partition does not count (a
+    rebuild reads every topic with one consumer and stores the positions of all of them
+    in each new generation: the Redis views' holds the product topic's too, which the
+    live Redis pipeline never reads, so never moves)."""
+    keys = expected or set(positions)
     if not keys:
         return 0
     return min(positions[k].watermark if k in positions else 0 for k in keys)

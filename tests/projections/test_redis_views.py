@@ -724,6 +724,16 @@ async def test_a_partition_not_seen_yet_holds_the_watermark_at_zero(
     assert await views.watermark() == 800
 
 
+async def test_a_stored_position_of_another_partition_does_not_count(
+    client: redis.Redis, namespace: str
+) -> None:
+    """A rebuild stores every topic's positions in the new generation (one consumer for all
+    three); the product topic's never move after it, and must not hold the watermark."""
+    views = RedisViews(client, namespace, partitions=[(TOPIC, 0)])
+    await views.apply([], {(TOPIC, 0): Position(5, 900), ("shop.product.events", 0): Position(3, 100)})
+    assert await views.watermark() == 900
+
+
 async def test_watermark_of_an_empty_projection_is_zero(views: RedisViews) -> None:
     assert await views.watermark() == 0
 
