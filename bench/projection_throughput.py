@@ -268,6 +268,25 @@ class Worker:
             print(f"could not delete the worker's consumer groups: {exc}", file=sys.stderr)
 
 
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine so far, every core together (/proc/stat):
+    what every process used, and what there was."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz  # idle and iowait are not busy
+
+
+def kafka_broker_pid() -> int | None:
+    """The local stack's Kafka broker (a JVM running kafka.Kafka), if it runs here."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"kafka.Kafka" in cmdline.read_bytes():
+                return int(cmdline.parent.name)
+        except OSError:
+            continue
+    return None
+
+
 def redis_server_cpu_s() -> float:
     """CPU seconds the Redis server has used (INFO used_cpu_user + used_cpu_sys; its AOF
     rewrite children not included)."""
@@ -310,6 +329,9 @@ def main() -> None:
         stall0 = cpu_stall_us()
         redis_cpu0 = redis_server_cpu_s()
         rewrites0, children0 = redis_rewrites()
+        kafka = kafka_broker_pid()
+        kafka_cpu0 = _cpu(kafka) if kafka else 0.0
+        busy0, all0 = machine_cpu_s()
         done: dict[str, float] = {}
         samples: list[dict[str, Any]] = []
         while len(done) < len(names) and time.monotonic() - started < 1800:
@@ -320,6 +342,8 @@ def main() -> None:
                     done[name] = now - started
             samples.append({n: p["events_applied"] for n, p in status["projections"].items()})
             time.sleep(0.25)
+        busy, all_ = machine_cpu_s()
+        kafka_cpu = round(_cpu(kafka) - kafka_cpu0, 1) if kafka else None
         status = worker.status()
         cpu = worker.cpu_seconds()
         redis_cpu = round(redis_server_cpu_s() - redis_cpu0, 1)
@@ -354,6 +378,13 @@ def main() -> None:
         # rewrites the run set off, and their children's CPU (not in the figure above)
         "redis_aof_rewrites": rewrites - rewrites0,
         "redis_rewrite_children_cpu_s": round(children - children0, 1),
+        "kafka_broker_cpu_s": kafka_cpu,  # the local stack's broker (null when not found here)
+        # the whole machine from the worker's start to the last projection's end: every
+        # process's CPU (the stack's, this benchmark's, anything else) against what the
+        # cores had; near 100 % the machine, not a pipeline, sets the pace
+        "machine_cpu_busy_s": round(busy - busy0, 1),
+        "machine_cpu_s": round(all_ - all0, 1),
+        "machine_cpu_busy_pct": round(100 * (busy - busy0) / max(all_ - all0, 1e-9), 1),
         "load_average_1m": os.getloadavg()[0],
         "cpu_pressure_pct": pressure,  # time some task waited for a CPU (Linux PSI)
     }
