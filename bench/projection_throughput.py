@@ -280,7 +280,7 @@ def kafka_broker_pid() -> int | None:
     """The local stack's Kafka broker (a JVM running kafka.Kafka), if it runs here."""
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if b"kafka.Kafka" in cmdline.read_bytes():
+            if b"kafka.Kafka" in cmdline.read_bytes().split(b"\0"):  # the JVM's main class
                 return int(cmdline.parent.name)
         except OSError:
             continue
@@ -343,7 +343,10 @@ def main() -> None:
             samples.append({n: p["events_applied"] for n, p in status["projections"].items()})
             time.sleep(0.25)
         busy, all_ = machine_cpu_s()
-        kafka_cpu = round(_cpu(kafka) - kafka_cpu0, 1) if kafka else None
+        try:
+            kafka_cpu: float | None = round(_cpu(kafka) - kafka_cpu0, 1) if kafka else None
+        except OSError:  # the broker restarted meanwhile
+            kafka_cpu = None
         status = worker.status()
         cpu = worker.cpu_seconds()
         redis_cpu = round(redis_server_cpu_s() - redis_cpu0, 1)

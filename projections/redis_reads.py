@@ -72,7 +72,8 @@ class ReadConnections:
                 await conn.disconnect(nowait=True)
                 raise
             if self._closed:  # a read that was in flight at close(): nothing keeps its connection
-                await conn.disconnect(nowait=True)
+                with contextlib.suppress(Exception):  # the read itself succeeded
+                    await conn.disconnect(nowait=True)
             else:
                 self._idle.append(conn)
             return reply

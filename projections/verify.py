@@ -186,6 +186,7 @@ class _Projections:
         self.sink: Any = None
         # each projection's partitions (from Kafka): one the store has no position for yet counts as 0
         self.partitions: dict[str, set[PositionKey]] | None = None
+        self.redis_unknown = False
         if not settings.embedded_clickhouse:
             from projections.clickhouse_backend import open_backend
             from projections.clickhouse_sink import ClickHouseSink
@@ -210,7 +211,9 @@ class _Projections:
         namespace = await current_namespace(self.redis, self.settings.redis_namespace)
         if namespace != self.views.namespace:
             self.views = RedisViews(self.redis, namespace)
-        marks = {"redis": min_watermark(await self.views.positions(), self.partitions["redis"])}
+        stored = await self.views.positions()
+        self.redis_unknown = not stored  # nothing under this namespace: the wrong REDIS_NAMESPACE?
+        marks = {"redis": min_watermark(stored, self.partitions["redis"])}
         if self.sink is not None:
             stored = await asyncio.to_thread(self.sink.positions)
             marks["clickhouse"] = min_watermark(stored, self.partitions["clickhouse"])
@@ -269,19 +272,27 @@ async def _partitions(settings: Settings) -> dict[str, set[PositionKey]]:
     try:
         metadata = await asyncio.to_thread(admin.list_topics, timeout=10)
     except KafkaException as exc:
+        error = exc.args[0] if exc.args else exc
         raise RuntimeError(
             f"cannot read the event topics' partitions from Kafka at {settings.kafka_bootstrap} "
-            f"(KAFKA_BOOTSTRAP): {exc.args[0] if exc.args else exc}"
+            f"(KAFKA_BOOTSTRAP): {error.str() if hasattr(error, 'str') else error}"
         ) from None
-    found = {
-        t: set(metadata.topics[t].partitions) if t in metadata.topics else set()
-        for t in settings.topics
-    }
-    missing = sorted(t for t, parts in found.items() if not parts)
-    if missing:
+    found: dict[str, set[int]] = {}
+    problems: list[str] = []
+    for name in settings.topics:
+        topic = metadata.topics.get(name)
+        if topic is None:
+            problems.append(f"{name} does not exist")
+        elif topic.error is not None or not topic.partitions:
+            problems.append(
+                f"{name}: {topic.error.str() if topic.error is not None else 'no partitions'}"
+            )
+        else:
+            found[name] = set(topic.partitions)
+    if problems:
         raise RuntimeError(
-            f"topic(s) {', '.join(missing)} not found on {settings.kafka_bootstrap}; cdc creates "
-            f"them (python -m cdc run) under TOPIC_PREFIX={settings.topic_prefix!r}"
+            f"the event topics on {settings.kafka_bootstrap} (KAFKA_BOOTSTRAP): {'; '.join(problems)}; "
+            f"cdc creates them (python -m cdc run, with TOPIC_PREFIX={settings.topic_prefix!r})"
         )
     topics = {"redis": settings.redis_topics, "clickhouse": settings.topics}
     return {name: {(t, p) for t in names for p in found[t]} for name, names in topics.items()}
@@ -528,6 +539,12 @@ async def verify(settings: Settings, timeout_s: float = 60.0, rounds: int = 3) -
             lsn, _ = await _postgres(settings.pg_dsn)
             marks = await _wait(proj, lsn, timeout_s)
             behind = {k: format_lsn(v) for k, v in marks.items() if v < lsn}
+            if behind and proj.redis_unknown:
+                raise TimeoutError(
+                    f"Redis holds no positions under REDIS_NAMESPACE={settings.redis_namespace!r} "
+                    f"({mask_url(settings.redis_url)}): is that the worker's namespace, and has the "
+                    "worker applied anything yet?"
+                )
             if behind:
                 raise TimeoutError(
                     f"the projections did not reach Postgres' LSN {format_lsn(lsn)} within "

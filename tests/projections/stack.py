@@ -49,7 +49,7 @@ class Stack:
         return Settings.from_env({
             "PG_DSN": self.dsn, "REDIS_URL": REDIS_URL, "REDIS_NAMESPACE": self.namespace,
             "QUERY_API": f"127.0.0.1:{self.worker.port}", "TOPIC_PREFIX": self.prefix,
-            "CLICKHOUSE_URL": self.worker.env["CLICKHOUSE_URL"],
+            "CLICKHOUSE_URL": self.worker.env["CLICKHOUSE_URL"], "KAFKA_BOOTSTRAP": KAFKA_BOOTSTRAP,
         })  # fmt: skip
 
     def start_cdc(self) -> None:

@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from cdc.lsn import parse_lsn
+from projections.verify import verify
 
 from .conftest import KAFKA_BOOTSTRAP, REDIS_URL, ShopHistory, WorkerProcess
 from .stack import Stack
@@ -177,6 +178,24 @@ def test_the_verifier_checks_projections_split_over_two_workers(stack: Stack) ->
         views.stop()
         analytics.stop()
         stack.worker.start()
+
+
+def test_the_verifier_says_why_it_cannot_compare(stack: Stack) -> None:
+    """Kafka unreachable, the topics missing, a Redis namespace holding nothing: each is
+    named, with the setting to check (the CLI prints it and exits 2)."""
+    settings = stack.settings()
+    cases = [
+        (replace(settings, kafka_bootstrap="127.0.0.1:9"),
+         "cannot read the event topics' partitions from Kafka at 127.0.0.1:9 (KAFKA_BOOTSTRAP)"),
+        (replace(settings, topic_prefix=f"{stack.prefix}x"),
+         f"{stack.prefix}x.order.events does not exist"),
+        (replace(settings, redis_namespace=f"{stack.namespace}x"),
+         f"Redis holds no positions under REDIS_NAMESPACE='{stack.namespace}x'"),
+    ]  # fmt: skip
+    for broken, message in cases:
+        with pytest.raises((RuntimeError, TimeoutError)) as caught:
+            asyncio.run(verify(broken, timeout_s=1.0))
+        assert message in str(caught.value)
 
 
 def test_the_verifier_reports_a_tampered_view_and_exits_1(stack: Stack) -> None:

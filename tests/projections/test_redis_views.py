@@ -724,7 +724,7 @@ async def test_a_partition_not_seen_yet_holds_the_watermark_at_zero(
     assert await views.watermark() == 800
 
 
-async def test_a_stored_position_of_another_partition_does_not_count(
+async def test_a_stored_position_of_another_topic_does_not_count(
     client: redis.Redis, namespace: str
 ) -> None:
     """A rebuild stores every topic's positions in the new generation (one consumer for all
@@ -732,6 +732,9 @@ async def test_a_stored_position_of_another_partition_does_not_count(
     views = RedisViews(client, namespace, partitions=[(TOPIC, 0)])
     await views.apply([], {(TOPIC, 0): Position(5, 900), ("shop.product.events", 0): Position(3, 100)})
     assert await views.watermark() == 900
+    # a partition added to one of its own topics since its partitions were read counts
+    await views.apply([], {(TOPIC, 1): Position(2, 400)})
+    assert await views.watermark() == 400
 
 
 async def test_watermark_of_an_empty_projection_is_zero(views: RedisViews) -> None:
