@@ -9,7 +9,9 @@ load`` as background traffic at a rate that makes about --changes-per-s row
 changes per second (measured from pg_stat_user_tables and reported). Every
 100 ms a probe command (a profile change) commits and takes its consistency
 token; right after the commit the probe asks the worker for the customer
-(Redis) and for a ClickHouse row with ``min_lsn=<token>``. The time from the
+(Redis) and for a ClickHouse row with ``min_lsn=<token>``. ``--only redis``
+(or ``clickhouse``) runs the worker with that projection alone
+(``PROJECTIONS``) and probes it alone: the other as if on a host of its own. The time from the
 commit returning to each answer is the freshness. Prints JSON percentiles.
 Targets: Redis p99 < 250 ms, ClickHouse p99 < 2 s.
 """
@@ -35,7 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from projection_throughput import Worker, cpu_pressure_pct, cpu_stall_us, delete_topics  # noqa: E402
+from projection_throughput import (  # noqa: E402
+    Worker,
+    cpu_pressure_pct,
+    cpu_stall_us,
+    delete_topics,
+    machine_cpu_s,
+)
 
 from cdc.lsn import parse_lsn  # noqa: E402
 
@@ -104,7 +112,9 @@ class WatermarkWatch:
         await self.consumer.stop()
 
 
-async def probe(dsn: str, url: str, seconds: float, interval: float, prefix: str) -> dict[str, list[float]]:
+async def probe(
+    dsn: str, url: str, seconds: float, interval: float, prefix: str, names: tuple[str, ...]
+) -> dict[str, list[float]]:
     import aiohttp
 
     from writer import commands
@@ -140,11 +150,11 @@ async def probe(dsn: str, url: str, seconds: float, interval: float, prefix: str
                 n += 1
                 result = await commands.change_profile(pool, customer.id, full_name=f"Probe {n}")
                 t0 = time.perf_counter()
-                tasks += [
-                    asyncio.create_task(redis_read(result.lsn, t0)),
-                    asyncio.create_task(clickhouse_read(result.lsn, t0)),
-                    asyncio.create_task(kafka_seen(result.lsn, t0)),
-                ]
+                tasks.append(asyncio.create_task(kafka_seen(result.lsn, t0)))
+                if "redis" in names:
+                    tasks.append(asyncio.create_task(redis_read(result.lsn, t0)))
+                if "clickhouse" in names:
+                    tasks.append(asyncio.create_task(clickhouse_read(result.lsn, t0)))
                 await asyncio.sleep(interval)
             await asyncio.gather(*tasks)
     finally:
@@ -188,7 +198,10 @@ def main() -> None:
     parser.add_argument("--changes-per-s", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--changes-per-command", type=float, default=2.5, help="to turn the target into a writer rate (measured: 2.5-2.6 row changes per command of the mix)")
+    parser.add_argument("--only", choices=("redis", "clickhouse"),
+                        help="the worker runs this projection alone (PROJECTIONS): as with the other in a worker on a host of its own")  # fmt: skip
     args = parser.parse_args()
+    names = (args.only,) if args.only else ("redis", "clickhouse")
 
     tag = uuid.uuid4().hex[:8]
     db = f"bench_fresh_{tag}"
@@ -198,7 +211,7 @@ def main() -> None:
                "CDC_TOPIC_PREFIX": prefix, "CDC_METRICS_PORT": "0"}  # fmt: skip
     with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{db}"')
-    worker = Worker(prefix, {"PG_DSN": dsn})
+    worker = Worker(prefix, {"PG_DSN": dsn, "PROJECTIONS": ",".join(names)})
     cdc: subprocess.Popen[bytes] | None = None
     load: subprocess.Popen[bytes] | None = None
     try:
@@ -218,8 +231,10 @@ def main() -> None:
         time.sleep(5)  # let the load and the pipeline settle
         before, t_before = _changes(dsn), time.monotonic()
         stall0 = cpu_stall_us()
-        result = asyncio.run(probe(dsn, worker.url, args.seconds, 0.1, prefix))
+        busy0, all0 = machine_cpu_s()
+        result = asyncio.run(probe(dsn, worker.url, args.seconds, 0.1, prefix, names))
         pressure = cpu_pressure_pct(stall0, time.monotonic() - t_before)
+        busy, all_ = machine_cpu_s()
         changes_per_s = (_changes(dsn) - before) / (time.monotonic() - t_before)
         status = worker.status()
         import urllib.request
@@ -244,16 +259,18 @@ def main() -> None:
         "benchmark": "freshness",
         "changes_per_s_target": args.changes_per_s,
         "changes_per_s_measured": round(changes_per_s),
-        "commit_to_redis": _stats(result["redis"]),
-        "commit_to_clickhouse": _stats(result["clickhouse"]),
+        "projections": list(names),
+        **{f"commit_to_{name}": _stats(result[name]) for name in names},
         # cdc's share: the commit until its Watermark is on every partition of the topics
         "commit_to_kafka_watermark": _stats(result["kafka"]),
         "timeouts": len(result["timeouts"]),
         # time some task waited for a CPU while the probes ran (Linux PSI): the p99s of the
         # same code differ 2-4x between runs on a 2-core machine, and rise with it
         "cpu_pressure_pct": pressure,
-        "targets_ms_p99": {"redis": 250, "clickhouse": 2000},
-        "batches": metrics,
+        # every process's CPU while the probes ran, against what the cores had (/proc/stat)
+        "machine_cpu_busy_pct": round(100 * (busy - busy0) / max(all_ - all0, 1e-9), 1),
+        "targets_ms_p99": {name: {"redis": 250, "clickhouse": 2000}[name] for name in names},
+        "batches": {name: metrics[name] for name in names},
         "lag_at_end": {n: {"lag_bytes": p["lag_bytes"], "lag_seconds": p["lag_seconds"]} for n, p in status["projections"].items()},
     }
     print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
