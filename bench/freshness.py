@@ -9,11 +9,11 @@ load`` as background traffic at a rate that makes about --changes-per-s row
 changes per second (measured from pg_stat_user_tables and reported). Every
 100 ms a probe command (a profile change) commits and takes its consistency
 token; right after the commit the probe asks the worker for the customer
-(Redis) and for a ClickHouse row with ``min_lsn=<token>``. ``--only redis``
-(or ``clickhouse``) runs the worker with that projection alone
-(``PROJECTIONS``) and probes it alone: the other as if on a host of its own. The time from the
+(Redis) and for a ClickHouse row with ``min_lsn=<token>``. The time from the
 commit returning to each answer is the freshness. Prints JSON percentiles.
-Targets: Redis p99 < 250 ms, ClickHouse p99 < 2 s.
+Targets: Redis p99 < 250 ms, ClickHouse p99 < 2 s. ``--only redis`` (or
+``clickhouse``) runs the worker with that projection alone (``PROJECTIONS``)
+and probes only it: as with the other in a worker on a host of its own.
 """
 
 from __future__ import annotations
